@@ -1,0 +1,1 @@
+//! A DERP client speaking the same wire protocol as Tailscale's `derphttp`.

@@ -1,0 +1,1 @@
+//! The derper server: listeners, TLS, HTTP, the DERP connection registry and STUN.
