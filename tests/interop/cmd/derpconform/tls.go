@@ -84,7 +84,7 @@ func checkMetacert() (string, error) {
 	if mc.PublicKeyAlgorithm != x509.Ed25519 || mc.SignatureAlgorithm != x509.PureEd25519 {
 		return "", fmt.Errorf("metacert key %v / signature %v, want Ed25519", mc.PublicKeyAlgorithm, mc.SignatureAlgorithm)
 	}
-	if err := mc.CheckSignatureFrom(mc); err != nil {
+	if err := mc.CheckSignature(mc.SignatureAlgorithm, mc.RawTBSCertificate, mc.Signature); err != nil {
 		return "", fmt.Errorf("metacert is not validly self-signed: %v", err)
 	}
 	now := time.Now()

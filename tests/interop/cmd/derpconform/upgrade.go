@@ -63,9 +63,6 @@ func checkNoUpgrade() (string, error) {
 	return fmt.Sprintf("426, body %q", body), nil
 }
 
-// readBody reads a Content-Length body that follows a head read by ReadHead.
-func readBody(c *rawderp.Conn, resp interface{ Header() any }) ([]byte, error) { return nil, nil }
-
 // checkClassic101: §4.2 step 5, §17 items 6 and 11.
 func checkClassic101() (string, error) {
 	c, err := rawderp.Dial(ctx, &tgt, nil)
