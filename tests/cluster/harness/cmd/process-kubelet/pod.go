@@ -66,6 +66,7 @@ type podWorker struct {
 	stopGrace time.Duration
 	deleteObj bool // delete the pod object once stopped (graceful deletion)
 	procWG    sync.WaitGroup
+	lastErr   error
 }
 
 func newPodWorker(k *kubelet, p *corev1.Pod, n *ownedNode) *podWorker {
@@ -509,6 +510,9 @@ func (w *podWorker) tokenRefreshLoop(ctx context.Context) {
 			if v := p.Spec.Volumes[i]; v.Projected != nil {
 				for _, s := range v.Projected.Sources {
 					if s.ServiceAccountToken != nil {
+						if w.volDeps[v.Name] == nil {
+							w.volDeps[v.Name] = map[string]bool{}
+						}
 						w.volDeps[v.Name]["token"] = true
 						only["token"] = true
 					}
