@@ -66,6 +66,7 @@ type namedCheck struct {
 
 // checks in the order they run; names follow spec §17 groups.
 var checks = []namedCheck{
+	{"identity/key-file", checkKeyFile},
 	{"tls/metacert", checkMetacert},
 	{"tls/pinned-sha256-raw", checkPinCorrect},
 	{"tls/pinned-wrong-hash-refused", checkPinWrong},

@@ -98,16 +98,17 @@ func checkOverMaxPacket() (string, error) {
 		return "", err
 	}
 	defer done()
+	how := "closed after the frame"
 	if err := cs[0].Send(cs[1].Pub(), make([]byte, derp.MaxPacketSize+1)); err != nil {
-		return "", err
-	}
-	if _, err := cs[0].ExpectClosed(5 * time.Second); err != nil {
+		// The server may close as soon as it has read the header.
+		how = "closed while the frame was still being written (" + shorten(err.Error(), 60) + ")"
+	} else if _, err := cs[0].ExpectClosed(5 * time.Second); err != nil {
 		return "", fmt.Errorf("sender of a 65537-byte packet: %v", err)
 	}
 	if err := cs[1].Quiet(200 * time.Millisecond); err != nil {
 		return "", fmt.Errorf("receiver: %v", err)
 	}
-	return "sender closed, nothing delivered", nil
+	return "sender " + how + ", nothing delivered", nil
 }
 
 // checkEmptyPacket: §17 item 20.

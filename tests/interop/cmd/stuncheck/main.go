@@ -44,6 +44,19 @@ func main() {
 		}
 		local := netip.MustParseAddrPort(fam.local)
 		r.Run(fam.name+"/binding", func() (string, error) { return validRequests(srv, local, *n) })
+		// Positive control: the hand-built encoder that makes the malformed
+		// requests below produces an answered request when nothing is wrong.
+		r.Run(fam.name+"/handbuilt-valid-answered", func() (string, error) {
+			pkt := build(0x0001, 0x2112A442, [][]byte{attr(0x8022, []byte("tailnode"))}, true)
+			got, err := exchange(srv, local, pkt, 2*time.Second)
+			if err != nil {
+				return "", err
+			}
+			if got == nil {
+				return "", errors.New("no answer to a hand-built valid request: the malformed checks would prove nothing")
+			}
+			return fmt.Sprintf("%d-byte hand-built request answered (%d bytes)", len(pkt), len(got)), nil
+		})
 		for _, m := range malformed() {
 			r.Run(fam.name+"/ignored/"+m.name, func() (string, error) {
 				got, err := exchange(srv, local, m.pkt, *silence)
