@@ -1,1 +1,92 @@
-fn main() {}
+//! `derper`: parse the Go-compatible command line, start the server, print this node's DERP
+//! map entry, and run until SIGTERM/SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use derper::cli::{Cli, normalize_args};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let args = normalize_args(std::env::args());
+    let cli = Cli::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DERPER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let print = cli.print_derpmap.clone();
+    let config = match cli.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("derper: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("derper: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(config, print)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("derper: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: derper::config::Config, print: Option<String>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let handle = derper::server::start(config, shutdown.clone())
+        .await
+        .context("starting the server")?;
+    let map = &handle.derp_map;
+    match print.as_deref() {
+        Some("yaml") => {
+            print!("{}", map.to_headscale_yaml());
+            handle.shutdown().await;
+            return Ok(());
+        }
+        Some(_) => {
+            println!("{}", map.to_json_pretty());
+            handle.shutdown().await;
+            return Ok(());
+        }
+        None => {
+            tracing::info!(
+                "DERP map for this server (Headscale derp.urls JSON / tailcfg.DERPMap):\n{}\nHeadscale derp.paths YAML:\n{}",
+                map.to_json_pretty(),
+                map.to_headscale_yaml()
+            );
+        }
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

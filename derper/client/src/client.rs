@@ -1,0 +1,714 @@
+//! Connecting (TCP, TLS, upgrade or fast start, WebSocket), the DERP handshake up to ServerInfo,
+//! and the established connection: a cloneable [`ClientHandle`] for writes and a
+//! [`ClientReceiver`] for reads, so sending and receiving run in separate tasks.
+//!
+//! Write path: frames are encoded into one reusable buffer under a mutex and written out when no
+//! other writer is waiting (or the buffer is large), so concurrent senders share syscalls and a
+//! packet costs no allocation. Read path: one reusable `BytesMut`; each frame is split off and
+//! frozen, so packets are handed out as `Bytes` slices without copying.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use derp_proto::frame::{
+    self, FrameHeader, FrameType, HEADER_LEN, MAX_CLIENT_FRAME_BYTES, MAX_PACKET_BYTES,
+    PROTOCOL_VERSION, ServerToClient,
+};
+use derp_proto::info::{self, ClientInfo, ServerInfo};
+use derp_proto::{NodePrivate, NodePublic};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{ClientConfig, Target, Transport, split_host_port};
+use crate::{ClientError, tls, upgrade, ws};
+
+/// Go's client reads the greeting with a 1 KiB cap (`readFrame(c.br, 1<<10, ...)`).
+const MAX_SERVER_KEY_FRAME_BYTES: usize = 1 << 10;
+/// Read-buffer growth step: one read can take a full 64 KiB packet frame.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Write out the batch once it is this large even if more writers wait, to bound latency and
+/// memory (two maximum-size packet frames).
+const FLUSH_THRESHOLD_BYTES: usize = 128 << 10;
+/// Initial write buffer: a few WireGuard-sized frames.
+const WRITE_BUF_BYTES: usize = 16 << 10;
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type BoxIo = Box<dyn Io>;
+
+/// Facts about an established connection, for logs and the prober.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub local_addr: Option<SocketAddr>,
+    pub remote_addr: Option<SocketAddr>,
+    /// TLS was used (false for `http://`).
+    pub tls: bool,
+    /// `"TLSv1_3"` or `"TLSv1_2"` when TLS was used.
+    pub tls_version: Option<String>,
+    /// Server key and protocol version read from the metacert (TLS 1.3 only).
+    pub metacert: Option<(NodePublic, u32)>,
+    /// Fast start was used (no 101 read).
+    pub fast_start: bool,
+    pub transport: Transport,
+}
+
+/// A connected DERP client. Use it directly from one task, or [`Client::split`] it.
+pub struct Client {
+    handle: ClientHandle,
+    receiver: ClientReceiver,
+}
+
+/// The cloneable write side of a connection.
+#[derive(Clone)]
+pub struct ClientHandle {
+    shared: Arc<Shared>,
+}
+
+/// The read side of a connection. `recv` is cancel-safe (state lives in the buffer).
+pub struct ClientReceiver {
+    reader: FrameReader<ReadHalf<BoxIo>>,
+    shared: Arc<Shared>,
+    read_timeout: Option<Duration>,
+    /// Set by the first error; later calls repeat it (the stream is no longer in sync).
+    failed: Option<String>,
+}
+
+struct Shared {
+    public_key: NodePublic,
+    server_key: NodePublic,
+    server_info: ServerInfo,
+    conn_info: ConnInfo,
+    writer: tokio::sync::Mutex<Writer>,
+    /// Writers waiting for or holding the lock; the last one out writes the batch.
+    pending: AtomicUsize,
+    write_timeout: Option<Duration>,
+    /// Outstanding `ping()` calls by payload.
+    pings: StdMutex<HashMap<[u8; 8], oneshot::Sender<()>>>,
+}
+
+struct Writer {
+    io: WriteHalf<BoxIo>,
+    buf: BytesMut,
+    /// Why the connection cannot be written any more.
+    broken: Option<String>,
+}
+
+impl Writer {
+    /// Writes the whole buffer and flushes. Cancel-safe: unwritten bytes stay in `buf`.
+    async fn write_out(&mut self) -> io::Result<()> {
+        while !self.buf.is_empty() {
+            let n = self.io.write(&self.buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.buf.advance(n);
+        }
+        self.io.flush().await
+    }
+
+    async fn write_out_timed(&mut self, limit: Option<Duration>) -> Result<(), ClientError> {
+        let res = match limit {
+            Some(d) => match tokio::time::timeout(d, self.write_out()).await {
+                Ok(r) => r.map_err(ClientError::Io),
+                Err(_) => Err(ClientError::WriteTimeout(d)),
+            },
+            None => self.write_out().await.map_err(ClientError::Io),
+        };
+        if let Err(e) = &res {
+            self.broken = Some(e.to_string());
+        }
+        res
+    }
+}
+
+fn lock<T>(m: &StdMutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a writer in `Shared::pending`; if the operation is dropped before it finished (the
+/// caller's future was cancelled), spawns a flush so no encoded frame is left unsent.
+struct PendingGuard<'a> {
+    shared: &'a Arc<Shared>,
+    counted: bool,
+    done: bool,
+}
+
+impl<'a> PendingGuard<'a> {
+    fn new(shared: &'a Arc<Shared>) -> Self {
+        shared.pending.fetch_add(1, Ordering::AcqRel);
+        PendingGuard {
+            shared,
+            counted: true,
+            done: false,
+        }
+    }
+
+    /// Leaves the pending count; returns how many other writers remain.
+    fn leave(&mut self) -> usize {
+        if !self.counted {
+            return 0;
+        }
+        self.counted = false;
+        self.shared.pending.fetch_sub(1, Ordering::AcqRel) - 1
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.leave();
+        if !self.done
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let shared = self.shared.clone();
+            rt.spawn(async move {
+                let mut w = shared.writer.lock().await;
+                if w.broken.is_none() && !w.buf.is_empty() {
+                    let _ = w.write_out_timed(shared.write_timeout).await;
+                }
+            });
+        }
+    }
+}
+
+impl ClientHandle {
+    /// Encodes frames with `encode` and writes them out unless other writers are queued behind
+    /// us (the last of them writes the batch).
+    async fn write_frames(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), ClientError> {
+        let mut guard = PendingGuard::new(&self.shared);
+        let mut w = self.shared.writer.lock().await;
+        if let Some(why) = &w.broken {
+            guard.done = true;
+            return Err(ClientError::Closed(why.clone()));
+        }
+        encode(&mut w.buf);
+        let others = guard.leave();
+        if others == 0 || w.buf.len() >= FLUSH_THRESHOLD_BYTES {
+            w.write_out_timed(self.shared.write_timeout).await?;
+        }
+        guard.done = true;
+        Ok(())
+    }
+
+    /// SendPacket: relays `packet` (at most 64 KiB) to `dst`.
+    pub async fn send_packet(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), ClientError> {
+        if packet.len() > MAX_PACKET_BYTES {
+            return Err(ClientError::PacketTooLarge(packet.len()));
+        }
+        self.write_frames(|b| frame::encode_send_packet(b, dst, packet))
+            .await
+    }
+
+    /// Several SendPackets to one destination in one write (for load generators).
+    pub async fn send_packets<'p>(
+        &self,
+        dst: &NodePublic,
+        packets: impl IntoIterator<Item = &'p [u8]>,
+    ) -> Result<(), ClientError> {
+        let packets: Vec<&[u8]> = packets.into_iter().collect();
+        if let Some(p) = packets.iter().find(|p| p.len() > MAX_PACKET_BYTES) {
+            return Err(ClientError::PacketTooLarge(p.len()));
+        }
+        self.write_frames(|b| {
+            for p in packets {
+                frame::encode_send_packet(b, dst, p);
+            }
+        })
+        .await
+    }
+
+    /// ForwardPacket (mesh peers only): relays `packet` to `dst` as if sent by `src`.
+    pub async fn forward_packet(
+        &self,
+        src: &NodePublic,
+        dst: &NodePublic,
+        packet: &[u8],
+    ) -> Result<(), ClientError> {
+        if packet.len() > MAX_PACKET_BYTES {
+            return Err(ClientError::PacketTooLarge(packet.len()));
+        }
+        self.write_frames(|b| frame::encode_forward_packet(b, src, dst, packet))
+            .await
+    }
+
+    /// NotePreferred: whether this server is the client's home.
+    pub async fn note_preferred(&self, preferred: bool) -> Result<(), ClientError> {
+        self.write_frames(|b| frame::encode_note_preferred(b, preferred))
+            .await
+    }
+
+    /// Ping with a payload of our choice; the Pong comes back through `recv`.
+    pub async fn send_ping(&self, data: [u8; 8]) -> Result<(), ClientError> {
+        self.write_frames(|b| frame::encode_ping(b, &data)).await
+    }
+
+    /// Sends a random Ping and waits for its Pong (which `recv` then consumes instead of
+    /// returning). Needs a task calling `recv` concurrently. Returns the round-trip time.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, ClientError> {
+        let data: [u8; 8] = rand::random();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.pings).insert(data, tx);
+        struct Unregister<'a>(&'a Shared, [u8; 8]);
+        impl Drop for Unregister<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.pings).remove(&self.1);
+            }
+        }
+        let _unregister = Unregister(&self.shared, data);
+        let start = Instant::now();
+        self.send_ping(data).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(_)) => Err(ClientError::Closed("receiver dropped".into())),
+            Err(_) => Err(ClientError::PingTimeout(timeout)),
+        }
+    }
+
+    /// Pong: answers a server Ping (only if we advertised `CanAckPings`).
+    pub async fn send_pong(&self, data: [u8; 8]) -> Result<(), ClientError> {
+        self.write_frames(|b| frame::encode_pong(b, &data)).await
+    }
+
+    /// WatchConns (mesh key holders only): subscribe to PeerPresent / PeerGone.
+    pub async fn watch_conns(&self) -> Result<(), ClientError> {
+        self.write_frames(frame::encode_watch_conns).await
+    }
+
+    /// ClosePeer (mesh key holders only): the server drops every connection of `key`.
+    pub async fn close_peer(&self, key: &NodePublic) -> Result<(), ClientError> {
+        self.write_frames(|b| frame::encode_close_peer(b, key))
+            .await
+    }
+
+    /// Writes out anything still buffered.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.write_frames(|_| {}).await
+    }
+
+    /// Flushes and shuts down the write side (TLS close_notify, TCP FIN). Later writes fail;
+    /// the receiver sees EOF once the server closes its side.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        let mut w = self.shared.writer.lock().await;
+        if w.broken.is_none() {
+            let _ = w.write_out_timed(self.shared.write_timeout).await;
+        }
+        w.broken = Some("closed by us".into());
+        w.io.shutdown().await.map_err(ClientError::Io)
+    }
+
+    pub fn public_key(&self) -> NodePublic {
+        self.shared.public_key
+    }
+    pub fn server_key(&self) -> NodePublic {
+        self.shared.server_key
+    }
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.shared.server_info
+    }
+    pub fn conn_info(&self) -> &ConnInfo {
+        &self.shared.conn_info
+    }
+}
+
+impl ClientReceiver {
+    /// The next frame from the server. KeepAlives and unknown frames are returned too (callers
+    /// usually ignore them); Pongs answering our own `ping()` are consumed. Fails on EOF, a
+    /// frame over 1 MiB, a malformed ServerKey, or no frame within the read timeout.
+    pub async fn recv(&mut self) -> Result<ServerToClient, ClientError> {
+        if let Some(why) = &self.failed {
+            return Err(ClientError::Closed(why.clone()));
+        }
+        let res = self.recv_inner().await;
+        if let Err(e) = &res {
+            self.failed = Some(e.to_string());
+        }
+        res
+    }
+
+    async fn recv_inner(&mut self) -> Result<ServerToClient, ClientError> {
+        loop {
+            let (t, payload) = match self.read_timeout {
+                Some(d) => tokio::time::timeout(d, self.reader.read_frame(MAX_CLIENT_FRAME_BYTES))
+                    .await
+                    .map_err(|_| ClientError::ReadTimeout(d))??,
+                None => self.reader.read_frame(MAX_CLIENT_FRAME_BYTES).await?,
+            };
+            let msg = ServerToClient::decode(t, payload)?;
+            if let ServerToClient::Pong(data) = &msg
+                && let Some(tx) = lock(&self.shared.pings).remove(data)
+            {
+                let _ = tx.send(());
+                continue;
+            }
+            return Ok(msg);
+        }
+    }
+
+    pub fn server_key(&self) -> NodePublic {
+        self.shared.server_key
+    }
+}
+
+impl Drop for ClientReceiver {
+    fn drop(&mut self) {
+        // Wake pending ping() calls now rather than at their timeout.
+        lock(&self.shared.pings).clear();
+    }
+}
+
+impl Client {
+    /// Connects and completes the handshake (ServerInfo received), all within
+    /// `cfg.connect_timeout`.
+    pub async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
+        connect(cfg).await
+    }
+
+    pub fn split(self) -> (ClientHandle, ClientReceiver) {
+        (self.handle, self.receiver)
+    }
+    /// A handle for writing from other tasks.
+    pub fn handle(&self) -> ClientHandle {
+        self.handle.clone()
+    }
+    pub fn public_key(&self) -> NodePublic {
+        self.handle.public_key()
+    }
+    pub fn server_key(&self) -> NodePublic {
+        self.handle.server_key()
+    }
+    pub fn server_info(&self) -> &ServerInfo {
+        self.handle.server_info()
+    }
+    pub fn conn_info(&self) -> &ConnInfo {
+        self.handle.conn_info()
+    }
+    pub async fn send_packet(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), ClientError> {
+        self.handle.send_packet(dst, packet).await
+    }
+    pub async fn recv(&mut self) -> Result<ServerToClient, ClientError> {
+        self.receiver.recv().await
+    }
+}
+
+/// Reads frames into one reusable buffer and hands out frozen slices of it.
+struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads more bytes; EOF is an error since every caller needs more.
+    async fn fill(&mut self, want: usize) -> Result<(), ClientError> {
+        self.buf.reserve(want.max(READ_CHUNK_BYTES / 4));
+        let n = self.io.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Err(ClientError::Eof);
+        }
+        Ok(())
+    }
+
+    /// One frame: type and payload. Frames longer than `max` are refused before reading them.
+    async fn read_frame(&mut self, max: usize) -> Result<(u8, Bytes), ClientError> {
+        loop {
+            if let Some(h) = FrameHeader::parse(&self.buf) {
+                let len = h.len as usize;
+                if len > max {
+                    return Err(ClientError::FrameTooLarge { len, max });
+                }
+                let total = HEADER_LEN + len;
+                if self.buf.len() >= total {
+                    let mut f = self.buf.split_to(total);
+                    f.advance(HEADER_LEN);
+                    return Ok((h.frame_type, f.freeze()));
+                }
+                let missing = total - self.buf.len();
+                self.fill(missing).await?;
+            } else {
+                self.fill(READ_CHUNK_BYTES).await?;
+            }
+        }
+    }
+}
+
+async fn step<T>(
+    deadline: Instant,
+    name: &'static str,
+    fut: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout_at(deadline, fut)
+        .await
+        .map_err(|_| ClientError::Timeout { step: name })?
+}
+
+async fn dial(target: &Target, cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
+    let (host, port) = match &cfg.dial_addr {
+        Some(d) => split_host_port(d, target.port)?,
+        None => (target.host.clone(), target.port),
+    };
+    let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| ClientError::Resolve {
+                host: host.clone(),
+                reason: e.to_string(),
+            })?
+            .collect(),
+    };
+    let addrs: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| cfg.addr_family.allows(&a.ip()))
+        .collect();
+    if addrs.is_empty() {
+        return Err(ClientError::Resolve {
+            host,
+            reason: format!("no {:?} address", cfg.addr_family),
+        });
+    }
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                // DERP frames are small and latency-bound; Nagle would hold pongs and disco.
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    match last {
+        Some((addr, source)) => Err(ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        }),
+        None => Err(ClientError::Resolve {
+            host,
+            reason: "no address".into(),
+        }),
+    }
+}
+
+fn client_info_json(cfg: &ClientConfig) -> String {
+    ClientInfo {
+        mesh_key: cfg.mesh_key,
+        version: i64::from(PROTOCOL_VERSION),
+        can_ack_pings: cfg.can_ack_pings,
+        is_prober: cfg.is_prober,
+        app_name: cfg.app_name.clone(),
+    }
+    .to_json()
+}
+
+/// Appends ClientInfo and the frames Go sends right behind it (NotePreferred, WatchConns).
+fn encode_hello(
+    buf: &mut BytesMut,
+    cfg: &ClientConfig,
+    server_key: &NodePublic,
+) -> Result<(), ClientError> {
+    let key: &NodePrivate = &cfg.private_key;
+    let sealed = info::seal(key, server_key, client_info_json(cfg).as_bytes())?;
+    frame::encode_client_info(buf, &key.public(), &sealed);
+    if cfg.preferred {
+        frame::encode_note_preferred(buf, true);
+    }
+    if cfg.watch_conns {
+        frame::encode_watch_conns(buf);
+    }
+    Ok(())
+}
+
+async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let target = Target::parse(&cfg.url)?;
+    let tcp = step(deadline, "TCP connect", dial(&target, cfg)).await?;
+    let local_addr = tcp.local_addr().ok();
+    let remote_addr = tcp.peer_addr().ok();
+
+    let mut tls_version = None;
+    let mut metacert = None;
+    let io: BoxIo = if target.tls {
+        let tls_cfg = tls::client_config(&cfg.tls, cfg.cert_name.as_deref())?;
+        let sni = cfg.tls_server_name.as_deref().unwrap_or(&target.host);
+        // An IP literal becomes ServerName::IpAddress, for which rustls sends no SNI (as Go).
+        let server_name = ServerName::try_from(sni.to_owned())
+            .map_err(|e| ClientError::Config(format!("TLS server name {sni:?}: {e}")))?;
+        let stream = step(deadline, "TLS handshake", async {
+            tokio_rustls::TlsConnector::from(tls_cfg)
+                .connect(server_name, tcp)
+                .await
+                .map_err(ClientError::Tls)
+        })
+        .await?;
+        let conn = stream.get_ref().1;
+        tls_version = conn.protocol_version().map(|v| format!("{v:?}"));
+        // Only TLS 1.3 hides the certificates, so only then does Go trust the metacert.
+        if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+            metacert = conn.peer_certificates().and_then(tls::parse_metacert);
+        }
+        Box::new(stream)
+    } else {
+        Box::new(tcp)
+    };
+
+    let io: BoxIo = match cfg.transport {
+        Transport::Derp => io,
+        Transport::WebSocket => Box::new(
+            step(
+                deadline,
+                "WebSocket handshake",
+                ws::handshake(io, target.tls, &target.authority, &target.path_and_query),
+            )
+            .await?,
+        ),
+    };
+    let (rd, wr) = tokio::io::split(io);
+    let mut reader = FrameReader {
+        io: rd,
+        buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+    };
+    let mut writer = Writer {
+        io: wr,
+        buf: BytesMut::with_capacity(WRITE_BUF_BYTES),
+        broken: None,
+    };
+
+    let fast_key = match metacert {
+        Some((key, version))
+            if cfg.fast_start
+                && cfg.transport == Transport::Derp
+                && !key.is_zero()
+                && version != 0 =>
+        {
+            Some(key)
+        }
+        _ => None,
+    };
+    let ideal = cfg.ideal_node.as_deref();
+    let server_key = match fast_key {
+        Some(key) => {
+            // Request and ClientInfo leave in one flush; no response is read (spec §4.3).
+            upgrade::write_request(
+                &mut writer.buf,
+                &target.authority,
+                &target.path_and_query,
+                true,
+                ideal,
+            );
+            encode_hello(&mut writer.buf, cfg, &key)?;
+            step(deadline, "sending upgrade and ClientInfo", writer.write_out_timed(None)).await?;
+            key
+        }
+        None => {
+            if cfg.transport == Transport::Derp {
+                upgrade::write_request(
+                    &mut writer.buf,
+                    &target.authority,
+                    &target.path_and_query,
+                    false,
+                    ideal,
+                );
+                step(deadline, "sending upgrade request", writer.write_out_timed(None)).await?;
+                step(deadline, "reading upgrade response", read_101(&mut reader)).await?;
+            }
+            let (t, payload) = step(
+                deadline,
+                "reading ServerKey",
+                reader.read_frame(MAX_SERVER_KEY_FRAME_BYTES),
+            )
+            .await?;
+            let key = match ServerToClient::decode(t, payload) {
+                Ok(ServerToClient::ServerKey(k)) if t == FrameType::ServerKey as u8 => k,
+                _ => {
+                    return Err(ClientError::Handshake(format!(
+                        "invalid server greeting (frame type {t:#04x})"
+                    )));
+                }
+            };
+            encode_hello(&mut writer.buf, cfg, &key)?;
+            step(deadline, "sending ClientInfo", writer.write_out_timed(None)).await?;
+            key
+        }
+    };
+
+    let server_info = step(deadline, "reading ServerInfo", async {
+        loop {
+            let (t, payload) = reader.read_frame(MAX_CLIENT_FRAME_BYTES).await?;
+            // In fast start the server still sends ServerKey first; Go skips it.
+            if fast_key.is_some() && t == FrameType::ServerKey as u8 {
+                continue;
+            }
+            if t != FrameType::ServerInfo as u8 {
+                return Err(ClientError::Handshake(format!(
+                    "first frame after ServerKey is type {t:#04x}, expected ServerInfo (0x03)"
+                )));
+            }
+            let plain = info::open(&cfg.private_key, &server_key, &payload)?;
+            return Ok(ServerInfo::from_json(&plain)?);
+        }
+    })
+    .await?;
+
+    let conn_info = ConnInfo {
+        local_addr,
+        remote_addr,
+        tls: target.tls,
+        tls_version,
+        metacert,
+        fast_start: fast_key.is_some(),
+        transport: cfg.transport,
+    };
+    tracing::debug!(
+        server = %server_key,
+        fast_start = conn_info.fast_start,
+        url = %cfg.url,
+        "DERP connected"
+    );
+    let shared = Arc::new(Shared {
+        public_key: cfg.private_key.public(),
+        server_key,
+        server_info,
+        conn_info,
+        writer: tokio::sync::Mutex::new(writer),
+        pending: AtomicUsize::new(0),
+        write_timeout: cfg.write_timeout,
+        pings: StdMutex::new(HashMap::new()),
+    });
+    Ok(Client {
+        handle: ClientHandle {
+            shared: shared.clone(),
+        },
+        receiver: ClientReceiver {
+            reader,
+            shared,
+            read_timeout: cfg.read_timeout,
+            failed: None,
+        },
+    })
+}
+
+/// Reads the upgrade response head and leaves what follows it (DERP frames) in the buffer.
+async fn read_101<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> Result<(), ClientError> {
+    loop {
+        if let Some(head) = upgrade::parse_response(&reader.buf)? {
+            if head.status != 101 {
+                // Best effort: whatever body bytes already arrived, for the error message.
+                let body = &reader.buf[head.head_len..];
+                let body = &body[..body.len().min(upgrade::MAX_ERROR_BODY_BYTES)];
+                return Err(ClientError::UpgradeRefused {
+                    status: head.status,
+                    body: String::from_utf8_lossy(body).trim().to_owned(),
+                });
+            }
+            reader.buf.advance(head.head_len);
+            return Ok(());
+        }
+        reader.fill(4096).await?;
+    }
+}

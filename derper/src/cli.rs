@@ -1,0 +1,497 @@
+//! The command line, compatible with Go's derper: the same flag names and meanings, written
+//! Go's way (`-a :443`, `-hostname=x`, `-stun=false`) or `--a=:443`, and the environment
+//! variables of the classic Docker recipe (`DERP_DOMAIN`, `DERP_ADDR=12345`, ...). Flags Go has
+//! that we do not implement yet are recognised and refused, never silently ignored.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+use crate::config::{Config, MapConfig, TlsMode};
+use crate::derp::DerpConfig;
+use crate::http::HomePage;
+
+/// Go's strconv.ParseBool.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?} (use true or false)")),
+    }
+}
+
+/// Go's time.ParseDuration for the forms people write: `10m`, `15s`, `1h30m`, `500ms`, `0`.
+pub fn go_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("invalid duration {s:?}: missing unit (e.g. 10s, 5m)"))?;
+        let (num, tail) = rest.split_at(num_end);
+        let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let mult = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
+        };
+        total += v * mult;
+        rest = tail;
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// A DERP relay and STUN server for Tailscale clients; a drop-in for Tailscale's Go derper.
+#[derive(Parser, Debug)]
+#[command(name = "derper", version, about, long_about = None)]
+pub struct Cli {
+    /// Listen address: ":port", "ip:port" or "[ip6]:port". TLS is served when the port is 443 or
+    /// -certmode=manual. DERP_ADDR may be a bare port ("12345").
+    #[arg(long = "a", env = "DERP_ADDR", default_value = ":443")]
+    pub addr: String,
+    /// Host name (or IP) this server is reached at: certificate lookup, SNI check, map entry.
+    #[arg(long, env = "DERP_DOMAIN", default_value = "derp.tailscale.com")]
+    pub hostname: String,
+    /// "manual" reads <certdir>/<hostname>.crt/.key (or tls.crt/tls.key); "letsencrypt" and
+    /// "gcp" (ACME) are not supported yet.
+    #[arg(long, env = "DERP_CERT_MODE", default_value = "letsencrypt")]
+    pub certmode: String,
+    /// Certificate directory (default: the user cache dir + /tailscale/derper-certs, as Go).
+    #[arg(long, env = "DERP_CERT_DIR")]
+    pub certdir: Option<PathBuf>,
+    /// Server key file in Go's JSON format; created (0600) if missing. Required unless root.
+    #[arg(short = 'c', long = "c", env = "DERP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Run the STUN server.
+    #[arg(long, env = "DERP_STUN", default_value = "true", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub stun: bool,
+    /// UDP port for STUN.
+    #[arg(long = "stun-port", env = "DERP_STUN_PORT", default_value_t = 3478)]
+    pub stun_port: u16,
+    /// Plain-HTTP port served next to TLS (captive-portal checks, redirect); -1 disables.
+    #[arg(long = "http-port", env = "DERP_HTTP_PORT", default_value_t = 80, allow_negative_numbers = true)]
+    pub http_port: i64,
+    /// Serve DERP (false answers /derp with 404).
+    #[arg(long, env = "DERP_DERP", default_value = "true", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub derp: bool,
+    /// The / page: "" (default page), "blank", or an http(s):// URL to redirect to.
+    #[arg(long, env = "DERP_HOME", default_value = "")]
+    pub home: String,
+    /// Comma list of names answered on /bootstrap-dns.
+    #[arg(long = "bootstrap-dns-names", env = "DERP_BOOTSTRAP_DNS_NAMES", default_value = "")]
+    pub bootstrap_dns_names: String,
+    /// Development mode: listen on :3340 with a random key.
+    #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub dev: bool,
+    /// TCP keepalive idle time (Go duration, e.g. 10m).
+    #[arg(long = "tcp-keepalive-time", default_value = "10m", value_parser = go_duration)]
+    pub tcp_keepalive_time: Duration,
+    /// TCP_USER_TIMEOUT for client connections.
+    #[arg(long = "tcp-user-timeout", default_value = "15s", value_parser = go_duration)]
+    pub tcp_user_timeout: Duration,
+    /// Write deadline per write to a regular client; 0 disables.
+    #[arg(long = "tcp-write-timeout", default_value = "2s", value_parser = go_duration)]
+    pub tcp_write_timeout: Duration,
+
+    // ---- derp-fleet's own flags ----
+    /// Prometheus /metrics plus /healthz and /readyz, plain HTTP (e.g. 127.0.0.1:9731). Off by
+    /// default so nothing is exposed by surprise.
+    #[arg(long = "metrics-addr", env = "DERPER_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Packets queued per client (disco and other each) before the oldest is dropped.
+    #[arg(long = "send-queue-depth", env = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH", default_value_t = 32)]
+    pub send_queue_depth: usize,
+    /// Most STUN responses per second (0 = unlimited).
+    #[arg(long = "stun-rate-limit", env = "DERPER_STUN_RATE_LIMIT", default_value_t = 200_000.0)]
+    pub stun_rate_limit: f64,
+    /// Print this server's DERP map (json, or yaml for Headscale's derp.paths) and exit.
+    #[arg(long = "print-derpmap", num_args = 0..=1, require_equals = true, default_missing_value = "json", value_parser = ["json", "yaml"])]
+    pub print_derpmap: Option<String>,
+    /// Region id for the printed map (900-999 are meant for self-hosting).
+    #[arg(long = "region-id", env = "DERPER_REGION_ID", default_value_t = 900)]
+    pub region_id: u32,
+    /// Region code for the printed map (shown by `tailscale netcheck`).
+    #[arg(long = "region-code", env = "DERPER_REGION_CODE", default_value = "derp")]
+    pub region_code: String,
+    /// Region name for the printed map.
+    #[arg(long = "region-name", env = "DERPER_REGION_NAME", default_value = "Self-hosted DERP")]
+    pub region_name: String,
+    /// Node name for the printed map (default: <region-id>a).
+    #[arg(long = "node-name", env = "DERPER_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// IPv4 address for the printed map (default: the hostname if it is an IPv4 address).
+    #[arg(long = "ipv4", env = "DERPER_IPV4")]
+    pub ipv4: Option<String>,
+    /// IPv6 address for the printed map (default: the hostname if it is an IPv6 address).
+    #[arg(long = "ipv6", env = "DERPER_IPV6")]
+    pub ipv6: Option<String>,
+    /// Print `InsecureForTests: true` instead of pinning the self-signed certificate (for
+    /// Tailscale clients older than 1.82, which do not understand `sha256-raw:` pins).
+    #[arg(long = "insecure-for-tests", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub insecure_for_tests: bool,
+
+    // ---- Go flags recognised but not implemented yet: refused with a message ----
+    #[arg(long = "mesh-psk-file", hide = true)]
+    pub mesh_psk_file: Option<String>,
+    #[arg(long = "mesh-with", hide = true)]
+    pub mesh_with: Option<String>,
+    #[arg(long = "verify-clients", env = "DERP_VERIFY_CLIENTS", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub verify_clients: Option<bool>,
+    #[arg(long = "verify-client-url", env = "DERP_VERIFY_CLIENT_URL", hide = true)]
+    pub verify_client_url: Option<String>,
+    #[arg(long = "verify-client-url-fail-open", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub verify_client_url_fail_open: Option<bool>,
+    #[arg(long = "socket", hide = true)]
+    pub socket: Option<String>,
+    #[arg(long = "accept-connection-limit", hide = true)]
+    pub accept_connection_limit: Option<String>,
+    #[arg(long = "accept-connection-burst", hide = true)]
+    pub accept_connection_burst: Option<String>,
+    #[arg(long = "rate-config", hide = true)]
+    pub rate_config: Option<String>,
+    #[arg(long = "secrets-url", hide = true)]
+    pub secrets_url: Option<String>,
+    #[arg(long = "secrets-path-prefix", hide = true)]
+    pub secrets_path_prefix: Option<String>,
+    #[arg(long = "secrets-cache-dir", hide = true)]
+    pub secrets_cache_dir: Option<String>,
+    #[arg(long = "unpublished-bootstrap-dns-names", hide = true)]
+    pub unpublished_bootstrap_dns_names: Option<String>,
+    #[arg(long = "acme-eab-kid", hide = true)]
+    pub acme_eab_kid: Option<String>,
+    #[arg(long = "acme-eab-key", hide = true)]
+    pub acme_eab_key: Option<String>,
+    #[arg(long = "acme-email", hide = true)]
+    pub acme_email: Option<String>,
+    #[arg(long = "acme-ip-certs", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub acme_ip_certs: Option<bool>,
+    #[arg(long = "ace", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub ace: Option<bool>,
+}
+
+/// Boolean flags: in Go they never take a separate value (`-stun false` is not `-stun=false`).
+const BOOL_FLAGS: &[&str] = &[
+    "stun",
+    "derp",
+    "dev",
+    "version",
+    "help",
+    "insecure-for-tests",
+    "verify-clients",
+    "verify-client-url-fail-open",
+    "acme-ip-certs",
+    "ace",
+];
+
+/// Rewrites Go-style single-dash long flags (`-hostname=x`, `-a :443`) to clap's `--` form,
+/// leaving flag values (including negative numbers like `-http-port -1`) alone.
+pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut iter = args.into_iter();
+    if let Some(prog) = iter.next() {
+        out.push(prog);
+    }
+    let mut expect_value = false;
+    let mut rest_verbatim = false;
+    for a in iter {
+        if rest_verbatim || expect_value {
+            expect_value = false;
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            rest_verbatim = true;
+            out.push(a);
+            continue;
+        }
+        let is_flag = a.starts_with('-') && a.len() > 1 && !a[1..].starts_with(|c: char| c.is_ascii_digit());
+        if !is_flag {
+            out.push(a);
+            continue;
+        }
+        let long = if a.starts_with("--") { a.clone() } else { format!("-{a}") };
+        let name = long[2..].split('=').next().unwrap_or("");
+        if !long.contains('=') && !BOOL_FLAGS.contains(&name) && name != "V" && name != "h" {
+            expect_value = true;
+        }
+        out.push(match name {
+            "version" => "--version".into(),
+            "help" | "h" => "--help".into(),
+            _ => long,
+        });
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("{flag}: {message}")]
+    Refused { flag: &'static str, message: String },
+    #[error("{flag}: {message}")]
+    Invalid { flag: &'static str, message: String },
+}
+
+fn refused(flag: &'static str, what: &str) -> CliError {
+    CliError::Refused {
+        flag,
+        message: format!(
+            "{what} is not implemented in this derper yet; remove the flag (it is recognised so it is never silently ignored)"
+        ),
+    }
+}
+
+/// Parses `-a`: `:443`, `ip:port`, `[v6]:port`, or (DERP_ADDR) a bare port.
+pub fn parse_listen(s: &str) -> Result<(Option<IpAddr>, u16), CliError> {
+    let inv = |m: String| CliError::Invalid { flag: "-a", message: m };
+    let s = s.trim();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+        return s.parse().map(|p| (None, p)).map_err(|_| inv(format!("bad port {s:?}")));
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| inv(format!("{s:?} is not host:port (e.g. :443 or 127.0.0.1:8443)")))?;
+    let port: u16 = match port {
+        "https" => 443,
+        "http" => 80,
+        p => p.parse().map_err(|_| inv(format!("bad port {p:?} in {s:?}")))?,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Ok((None, port));
+    }
+    let ip = host
+        .parse::<IpAddr>()
+        .map_err(|_| inv(format!("listen host {host:?} must be an IP address (or empty for all)")))?;
+    Ok((Some(ip), port))
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn default_certdir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tailscale").join("derper-certs")
+}
+
+impl Cli {
+    /// Checks the flags and builds the server configuration.
+    pub fn into_config(self) -> Result<Config, CliError> {
+        let refusals: [(&'static str, bool, &str); 16] = [
+            ("-mesh-psk-file", self.mesh_psk_file.is_some(), "meshing"),
+            ("-mesh-with", self.mesh_with.is_some(), "meshing"),
+            ("-verify-clients", self.verify_clients == Some(true), "client verification through tailscaled"),
+            ("-verify-client-url", self.verify_client_url.as_deref().is_some_and(|u| !u.is_empty()), "client verification by URL"),
+            ("-verify-client-url-fail-open", self.verify_client_url_fail_open.is_some(), "client verification by URL"),
+            ("-socket", self.socket.is_some(), "client verification through tailscaled"),
+            ("-accept-connection-limit", self.accept_connection_limit.is_some(), "accept rate limiting"),
+            ("-accept-connection-burst", self.accept_connection_burst.is_some(), "accept rate limiting"),
+            ("-rate-config", self.rate_config.is_some(), "per-client rate limiting"),
+            ("-secrets-url", self.secrets_url.is_some() || self.secrets_path_prefix.is_some() || self.secrets_cache_dir.is_some(), "the setec secret store"),
+            ("-unpublished-bootstrap-dns-names", self.unpublished_bootstrap_dns_names.is_some(), "unpublished bootstrap DNS names"),
+            ("-acme-eab-kid", self.acme_eab_kid.is_some(), "ACME (letsencrypt/gcp certificates)"),
+            ("-acme-eab-key", self.acme_eab_key.is_some(), "ACME (letsencrypt/gcp certificates)"),
+            ("-acme-email", self.acme_email.is_some(), "ACME (letsencrypt/gcp certificates)"),
+            ("-acme-ip-certs", self.acme_ip_certs == Some(true), "ACME IP certificates"),
+            ("-ace", self.ace == Some(true), "the CONNECT proxy (-ace)"),
+        ];
+        if let Some((flag, _, what)) = refusals.iter().find(|(_, set, _)| *set) {
+            return Err(refused(flag, what));
+        }
+
+        let (mut listen_host, mut listen_port) = parse_listen(&self.addr)?;
+        if self.dev {
+            listen_host = None;
+            listen_port = 3340;
+        }
+        let tls = match self.certmode.as_str() {
+            "manual" => TlsMode::Manual {
+                certdir: self.certdir.clone().unwrap_or_else(default_certdir),
+            },
+            "letsencrypt" | "gcp" if listen_port == 443 => {
+                return Err(CliError::Refused {
+                    flag: "-certmode",
+                    message: format!(
+                        "{:?} (ACME) is not implemented yet; use -certmode manual with your own certificate, or an IP -hostname for a self-signed one",
+                        self.certmode
+                    ),
+                });
+            }
+            // Go serves plain HTTP when the port is not 443 and certmode is not manual.
+            "letsencrypt" | "gcp" => TlsMode::Off,
+            other => {
+                return Err(CliError::Invalid {
+                    flag: "-certmode",
+                    message: format!("unknown mode {other:?}; use manual"),
+                });
+            }
+        };
+        let key_file = if self.dev {
+            None
+        } else {
+            match self.config {
+                Some(p) => Some(p),
+                None if running_as_root() => Some(PathBuf::from("/var/lib/derper/derper.key")),
+                None => {
+                    return Err(CliError::Invalid {
+                        flag: "-c",
+                        message: "-c <key file path> not specified (required when not running as root)".into(),
+                    });
+                }
+            }
+        };
+        let home = match self.home.as_str() {
+            "" => HomePage::Default,
+            "blank" => HomePage::Blank,
+            u if u.starts_with("http://") || u.starts_with("https://") => HomePage::Redirect(u.into()),
+            other => {
+                return Err(CliError::Invalid {
+                    flag: "-home",
+                    message: format!("{other:?} must be empty, \"blank\" or an http(s):// URL"),
+                });
+            }
+        };
+        let http_port = if self.http_port < 0 {
+            None
+        } else {
+            Some(u16::try_from(self.http_port).map_err(|_| CliError::Invalid {
+                flag: "-http-port",
+                message: format!("{} is not a port", self.http_port),
+            })?)
+        };
+        let metrics_addr = match self.metrics_addr.as_deref() {
+            None | Some("") => None,
+            Some(a) => {
+                let (h, p) = parse_listen(a).map_err(|_| CliError::Invalid {
+                    flag: "--metrics-addr",
+                    message: format!("{a:?} is not ip:port"),
+                })?;
+                Some(SocketAddr::new(h.unwrap_or(IpAddr::from([0, 0, 0, 0])), p))
+            }
+        };
+        if self.send_queue_depth == 0 || self.send_queue_depth > 4096 {
+            return Err(CliError::Invalid {
+                flag: "--send-queue-depth",
+                message: "must be between 1 and 4096".into(),
+            });
+        }
+        Ok(Config {
+            listen_host,
+            listen_port,
+            hostname: self.hostname.clone(),
+            tls,
+            key_file,
+            stun_port: self.stun.then_some(self.stun_port),
+            stun_rate_limit: self.stun_rate_limit.max(0.0),
+            http_port,
+            derp_enabled: self.derp,
+            home,
+            bootstrap_dns_names: self
+                .bootstrap_dns_names
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            metrics_addr,
+            derp: DerpConfig {
+                send_queue_depth: self.send_queue_depth,
+                write_timeout: Some(self.tcp_write_timeout).filter(|d| !d.is_zero()),
+                ..DerpConfig::default()
+            },
+            tcp_keepalive_time: self.tcp_keepalive_time,
+            tcp_user_timeout: self.tcp_user_timeout,
+            map: MapConfig {
+                region_id: self.region_id,
+                region_code: self.region_code.clone(),
+                region_name: self.region_name.clone(),
+                node_name: self.node_name.clone().unwrap_or_else(|| format!("{}a", self.region_id)),
+                ipv4: self.ipv4.clone(),
+                ipv6: self.ipv6.clone(),
+                insecure_for_tests: self.insecure_for_tests,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let v = normalize_args(std::iter::once("derper").chain(args.iter().copied()).map(String::from));
+        Cli::try_parse_from(v)
+    }
+
+    #[test]
+    fn go_style_flags() {
+        let c = parse(&["-a", "127.0.0.1:8443", "-hostname=127.0.0.1", "-certmode", "manual", "-certdir", "/tmp/x", "-c", "/tmp/k", "-stun-port", "3479", "-http-port", "-1", "-stun=false"]).unwrap();
+        assert_eq!(c.addr, "127.0.0.1:8443");
+        assert_eq!(c.hostname, "127.0.0.1");
+        assert_eq!(c.http_port, -1);
+        assert!(!c.stun);
+        let cfg = c.into_config().unwrap();
+        assert_eq!(cfg.http_port, None);
+        assert_eq!(cfg.stun_port, None);
+        assert!(matches!(cfg.tls, TlsMode::Manual { .. }));
+        let c = parse(&["--a=:8443", "--stun", "-c=/k"]).unwrap();
+        assert!(c.stun);
+        assert_eq!(c.into_config().unwrap().listen_port, 8443);
+    }
+
+    #[test]
+    fn unknown_and_refused_flags_name_the_flag() {
+        let e = parse(&["-nosuchflag", "x"]).unwrap_err().to_string();
+        assert!(e.contains("nosuchflag"), "{e}");
+        let e = parse(&["-c", "/k", "-mesh-with", "a,b"]).unwrap().into_config().unwrap_err();
+        assert!(e.to_string().starts_with("-mesh-with: meshing is not implemented"), "{e}");
+        let e = parse(&["-a", ":443", "-c", "/k"]).unwrap().into_config().unwrap_err();
+        assert!(e.to_string().starts_with("-certmode:"), "{e}");
+        let e = parse(&["-c", "/k", "-home", "ftp://x"]).unwrap().into_config().unwrap_err();
+        assert!(e.to_string().starts_with("-home:"), "{e}");
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(parse_listen(":443").unwrap(), (None, 443));
+        assert_eq!(parse_listen("12345").unwrap(), (None, 12345));
+        assert_eq!(parse_listen("[::1]:8443").unwrap(), (Some("::1".parse().unwrap()), 8443));
+        assert_eq!(parse_listen("127.0.0.1:https").unwrap(), (Some("127.0.0.1".parse().unwrap()), 443));
+        assert!(parse_listen("example.com:443").is_err());
+        assert!(parse_listen("nonsense").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(go_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(go_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(go_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
+        assert!(go_duration("10").is_err());
+        assert!(go_duration("5x").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! The server's configuration as plain data: the library never sees command-line types.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::derp::DerpConfig;
+use crate::http::HomePage;
+
+/// How the public listener is secured.
+#[derive(Debug, Clone)]
+pub enum TlsMode {
+    /// Plain HTTP (Go: port not 443 and no `-certmode manual`).
+    Off,
+    /// Certificates from `certdir` (Go's `-certmode manual`), reloaded on change.
+    Manual { certdir: PathBuf },
+}
+
+/// What `--print-derpmap` and the startup log say about this node.
+#[derive(Debug, Clone)]
+pub struct MapConfig {
+    pub region_id: u32,
+    pub region_code: String,
+    pub region_name: String,
+    pub node_name: String,
+    pub ipv4: Option<String>,
+    pub ipv6: Option<String>,
+    /// Print `InsecureForTests: true` instead of a `sha256-raw:` pin (clients before 1.82).
+    pub insecure_for_tests: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Host of `-a`; `None` listens on every interface (dual-stack).
+    pub listen_host: Option<IpAddr>,
+    pub listen_port: u16,
+    pub hostname: String,
+    pub tls: TlsMode,
+    /// Server key file; `None` uses a random key (dev mode).
+    pub key_file: Option<PathBuf>,
+    /// STUN UDP port; `None` disables STUN.
+    pub stun_port: Option<u16>,
+    /// Responses per second the STUN server sends at most (0 = unlimited).
+    pub stun_rate_limit: f64,
+    /// Plain-HTTP port next to TLS (Go's `-http-port`); `None` disables it.
+    pub http_port: Option<u16>,
+    pub derp_enabled: bool,
+    pub home: HomePage,
+    pub bootstrap_dns_names: Vec<String>,
+    /// Prometheus and health endpoints, off the public port.
+    pub metrics_addr: Option<SocketAddr>,
+    pub derp: DerpConfig,
+    pub tcp_keepalive_time: Duration,
+    pub tcp_user_timeout: Duration,
+    pub map: MapConfig,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: plain HTTP on 127.0.0.1 with ephemeral ports.
+    pub fn for_tests() -> Self {
+        Config {
+            listen_host: Some(IpAddr::from([127, 0, 0, 1])),
+            listen_port: 0,
+            hostname: "127.0.0.1".into(),
+            tls: TlsMode::Off,
+            key_file: None,
+            stun_port: Some(0),
+            stun_rate_limit: 0.0,
+            http_port: None,
+            derp_enabled: true,
+            home: HomePage::Default,
+            bootstrap_dns_names: Vec::new(),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            derp: DerpConfig::default(),
+            tcp_keepalive_time: Duration::from_secs(600),
+            tcp_user_timeout: Duration::from_secs(15),
+            map: MapConfig {
+                region_id: 900,
+                region_code: "test".into(),
+                region_name: "Test".into(),
+                node_name: "900a".into(),
+                ipv4: None,
+                ipv6: None,
+                insecure_for_tests: false,
+            },
+        }
+    }
+}

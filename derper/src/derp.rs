@@ -1,0 +1,644 @@
+//! One DERP connection from handshake to close: ServerKey, ClientInfo, ServerInfo, then a
+//! reader (decode, route, enqueue; never blocked by a slow receiver) and a writer (drain the
+//! outbox in batches, flush, keepalives) running in the connection's single task.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use derp_proto::frame::{
+    self, ClientToServer, FrameHeader, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES,
+    MAX_PACKET_BYTES, MIN_CLIENT_INFO_BYTES, PeerGoneReason, peer_flags,
+};
+use derp_proto::info::{self, ClientInfo, ServerInfo};
+use derp_proto::key::{KEY_LEN, MeshKey, NodePrivate, NodePublic};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span};
+
+use crate::metrics::{DropReason, KindLabel, Metrics, ReasonLabel};
+use crate::registry::{ClientConn, Outbox, Packet, PeerUpdate, Registry, Route};
+
+/// Go gives each handshake step 10 s (ServerKey write, ClientInfo read).
+pub const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// KeepAlive every 60 s plus up to 5 s of per-connection jitter, as Go does; Go clients declare
+/// a connection dead after 120 s without a frame.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_JITTER_MS: u64 = 5_000;
+/// Mesh peers get Go's 30 s write deadline instead of the client one.
+pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest frame we read after the handshake. Packets are at most 64 KiB + two keys; other
+/// frames are tiny, and Go clients never send unknown large frames, so anything above this is
+/// hostile and closes the connection instead of being buffered.
+pub const MAX_FRAME_BYTES: usize = MAX_PACKET_BYTES + 2 * KEY_LEN;
+/// Read buffer: starts small so idle connections stay cheap, grows for big packets.
+const READ_BUF_INITIAL: usize = 4 << 10;
+/// Write buffers above this are released after a burst, again for idle memory.
+const WRITE_BUF_KEEP: usize = 64 << 10;
+/// PeerGone(NotHere) limiter: burst 3, one per second, per connection (Go's numbers).
+const NOT_HERE_BURST: f64 = 3.0;
+
+#[derive(Debug, Clone)]
+pub struct DerpConfig {
+    pub send_queue_depth: usize,
+    /// Per-write deadline for regular clients; `None` disables it (Go's `-tcp-write-timeout 0`).
+    pub write_timeout: Option<Duration>,
+    pub keepalive_interval: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for DerpConfig {
+    fn default() -> Self {
+        DerpConfig {
+            send_queue_depth: crate::registry::DEFAULT_SEND_QUEUE_DEPTH,
+            write_timeout: Some(Duration::from_secs(2)),
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            handshake_timeout: HANDSHAKE_STEP_TIMEOUT,
+        }
+    }
+}
+
+/// Everything DERP connections share.
+pub struct DerpServer {
+    pub private_key: NodePrivate,
+    pub public_key: NodePublic,
+    pub mesh_key: Option<MeshKey>,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub config: DerpConfig,
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("first frame was type {0:#04x}, not ClientInfo")]
+    NotClientInfo(u8),
+    #[error("ClientInfo of {0} bytes is outside 56..=262144")]
+    ClientInfoSize(usize),
+    #[error("client key is all zeros")]
+    ZeroKey,
+    #[error("client info: {0}")]
+    Info(#[from] info::InfoError),
+    #[error("frame: {0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("frame type {0:#04x} is only for mesh peers")]
+    NotMesh(u8),
+    #[error("frame of {0} bytes is larger than any valid frame")]
+    FrameTooLarge(usize),
+}
+
+impl ConnError {
+    fn handshake_label(&self) -> &'static str {
+        match self {
+            ConnError::Io(_) => "io",
+            ConnError::Timeout(_) => "timeout",
+            ConnError::NotClientInfo(_) => "not_client_info",
+            ConnError::ClientInfoSize(_) => "client_info_size",
+            ConnError::ZeroKey => "zero_key",
+            ConnError::Info(info::InfoError::Json(_)) => "client_info_json",
+            ConnError::Info(_) => "client_info_box",
+            _ => "other",
+        }
+    }
+}
+
+/// Reads exactly one frame into `buf` (which may already hold bytes) and returns its type and
+/// payload. `Ok(None)` on a clean EOF between frames.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max_len: impl Fn(u8) -> usize,
+) -> Result<Option<(u8, Bytes)>, ConnError> {
+    while buf.len() < HEADER_LEN {
+        if buf.capacity() - buf.len() < HEADER_LEN {
+            buf.reserve(READ_BUF_INITIAL);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+            };
+        }
+    }
+    let Some(h) = FrameHeader::parse(buf) else {
+        return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    };
+    let len = h.len as usize;
+    if len > max_len(h.frame_type) {
+        return Err(ConnError::FrameTooLarge(len));
+    }
+    let total = HEADER_LEN + len;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        while buf.len() < total {
+            if rd.read_buf(buf).await? == 0 {
+                return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+    let mut frame = buf.split_to(total);
+    let payload = frame.split_off(HEADER_LEN).freeze();
+    Ok(Some((h.frame_type, payload)))
+}
+
+/// How the connection reached us, for PeerPresent flags and logs.
+pub struct ConnMeta {
+    pub remote: SocketAddr,
+    pub not_ideal: bool,
+}
+
+impl DerpServer {
+    /// Runs a DERP connection to completion. `preamble` is written before the ServerKey frame
+    /// (the 101 response in classic mode; empty for fast start and WebSocket).
+    pub async fn serve<S>(self: Arc<Self>, stream: S, preamble: &[u8], meta: ConnMeta)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let span = info_span!("derp", peer = %meta.remote, client = tracing::field::Empty);
+        async move {
+            if let Err(e) = self.serve_inner(stream, preamble, meta).await {
+                debug!("connection ended: {e}");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn serve_inner<S>(
+        self: &Arc<Self>,
+        mut stream: S,
+        preamble: &[u8],
+        meta: ConnMeta,
+    ) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let step = self.config.handshake_timeout;
+        let mut wbuf = Vec::with_capacity(preamble.len() + 64);
+        wbuf.extend_from_slice(preamble);
+        frame::encode_server_key(&mut wbuf, &self.public_key);
+        let wrote = timeout(step, async {
+            stream.write_all(&wbuf).await?;
+            stream.flush().await
+        })
+        .await;
+        match wrote {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.handshake_failed(ConnError::Io(e))),
+            Err(_) => return Err(self.handshake_failed(ConnError::Timeout("writing ServerKey"))),
+        }
+
+        let mut rbuf = BytesMut::with_capacity(READ_BUF_INITIAL);
+        let (client_key, ci) = match timeout(step, self.read_client_info(&mut stream, &mut rbuf))
+            .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(self.handshake_failed(e)),
+            Err(_) => return Err(self.handshake_failed(ConnError::Timeout("reading ClientInfo"))),
+        };
+        tracing::Span::current().record("client", tracing::field::display(client_key.short()));
+
+        let is_mesh = match (&self.mesh_key, &ci.mesh_key) {
+            (Some(ours), Some(theirs)) => ours.ct_eq(theirs),
+            _ => false,
+        };
+        let mut flags = 0;
+        if is_mesh {
+            flags |= peer_flags::MESH;
+        }
+        if ci.is_prober {
+            flags |= peer_flags::PROBER;
+        }
+        if meta.not_ideal {
+            flags |= peer_flags::NOT_IDEAL;
+        }
+        if flags == 0 {
+            flags = peer_flags::REGULAR;
+        }
+
+        let conn = Arc::new(ClientConn::new(
+            client_key,
+            meta.remote,
+            is_mesh,
+            flags,
+            self.config.send_queue_depth,
+            &self.shutdown,
+        ));
+        self.registry.register(&conn);
+        self.metrics.connections.inc();
+        if is_mesh {
+            self.metrics.mesh_peers.inc();
+        }
+        debug!(mesh = is_mesh, prober = ci.is_prober, "client connected");
+
+        let result = self.run_connected(stream, &conn, rbuf, &client_key).await;
+
+        conn.closing.store(true, Ordering::Relaxed);
+        self.metrics.connections.dec();
+        if is_mesh {
+            self.metrics.mesh_peers.dec();
+        }
+        result
+    }
+
+    fn handshake_failed(&self, e: ConnError) -> ConnError {
+        self.metrics.handshake_failure(e.handshake_label());
+        e
+    }
+
+    async fn read_client_info<S: AsyncRead + Unpin>(
+        &self,
+        stream: &mut S,
+        rbuf: &mut BytesMut,
+    ) -> Result<(NodePublic, ClientInfo), ConnError> {
+        // Whatever the first frame claims to be, at most a ClientInfo's worth is read.
+        let Some((typ, payload)) = read_frame(stream, rbuf, |_| MAX_CLIENT_INFO_BYTES).await?
+        else {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        };
+        if typ != FrameType::ClientInfo as u8 {
+            return Err(ConnError::NotClientInfo(typ));
+        }
+        if payload.len() < MIN_CLIENT_INFO_BYTES {
+            return Err(ConnError::ClientInfoSize(payload.len()));
+        }
+        let key = NodePublic::from_slice(&payload[..KEY_LEN]).unwrap_or_default();
+        if key.is_zero() {
+            return Err(ConnError::ZeroKey);
+        }
+        let plain = info::open(&self.private_key, &key, &payload[KEY_LEN..])?;
+        let ci = ClientInfo::from_json(&plain)?;
+        Ok((key, ci))
+    }
+
+    async fn run_connected<S>(
+        self: &Arc<Self>,
+        mut stream: S,
+        conn: &Arc<ClientConn>,
+        rbuf: BytesMut,
+        client_key: &NodePublic,
+    ) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        // ServerInfo is always the first frame after ServerKey; the writer starts only after it.
+        let si = ServerInfo {
+            version: i64::from(frame::PROTOCOL_VERSION),
+            ..Default::default()
+        };
+        let mut wbuf = Vec::with_capacity(READ_BUF_INITIAL);
+        let sent = match info::seal(&self.private_key, client_key, si.to_json().as_bytes()) {
+            Ok(sealed) => {
+                frame::encode_server_info(&mut wbuf, &sealed);
+                let r = stream.write_all(&wbuf).await;
+                match r {
+                    Ok(()) => stream.flush().await.map_err(ConnError::from),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = sent {
+            conn.closing.store(true, Ordering::Relaxed);
+            self.registry.unregister(conn, &HashSet::new());
+            return Err(e);
+        }
+        wbuf.clear();
+
+        let (rd, wr) = tokio::io::split(stream);
+        let mut reader = Reader {
+            server: self,
+            conn,
+            rbuf,
+            not_here_tokens: NOT_HERE_BURST,
+            not_here_at: Instant::now(),
+            preferred: false,
+        };
+        let mut writer = Writer {
+            server: self,
+            conn,
+            wbuf,
+            received_from: HashSet::new(),
+            new_sources: Vec::new(),
+            batch: Outbox::default(),
+        };
+        let result = tokio::select! {
+            r = reader.run(rd) => r,
+            r = writer.run(wr) => r,
+            _ = conn.cancel.cancelled() => Ok(()),
+        };
+        if reader.preferred {
+            self.metrics.home_connections.dec();
+        }
+        conn.closing.store(true, Ordering::Relaxed);
+        self.registry.unregister(conn, &writer.received_from);
+        // What was still queued is lost with the connection.
+        let ob = std::mem::take(&mut *conn.lock_outbox());
+        for _ in &ob.disco {
+            self.metrics.dropped(DropReason::GoneDisconnected, true);
+        }
+        for _ in &ob.other {
+            self.metrics.dropped(DropReason::GoneDisconnected, false);
+        }
+        result
+    }
+}
+
+struct Reader<'a> {
+    server: &'a Arc<DerpServer>,
+    conn: &'a Arc<ClientConn>,
+    rbuf: BytesMut,
+    not_here_tokens: f64,
+    not_here_at: Instant,
+    preferred: bool,
+}
+
+impl Reader<'_> {
+    async fn run<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Result<(), ConnError> {
+        let is_mesh = self.conn.is_mesh;
+        loop {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * MAX_FRAME_BYTES {
+                // Give back a buffer that grew during a burst.
+                self.rbuf = BytesMut::with_capacity(READ_BUF_INITIAL);
+            }
+            let Some((typ, payload)) = read_frame(&mut rd, &mut self.rbuf, |t| {
+                if t == FrameType::ForwardPacket as u8 || t == FrameType::SendPacket as u8 {
+                    MAX_FRAME_BYTES
+                } else {
+                    // Control frames are at most 1000 bytes (Ping); unknown ones are skipped,
+                    // but not at any size.
+                    64 << 10
+                }
+            })
+            .await?
+            else {
+                return Ok(());
+            };
+            if self.conn.is_dup.load(Ordering::Relaxed) {
+                self.server.registry.note_active(self.conn);
+            }
+            match ClientToServer::decode(typ, payload)? {
+                ClientToServer::SendPacket { dst, packet } => self.send_packet(dst, packet),
+                ClientToServer::ForwardPacket { src, dst, packet } => {
+                    if !is_mesh {
+                        return Err(ConnError::NotMesh(typ));
+                    }
+                    self.forwarded_packet(src, dst, packet);
+                }
+                ClientToServer::NotePreferred(p) => {
+                    if p != self.preferred {
+                        self.preferred = p;
+                        if p {
+                            self.server.metrics.home_connections.inc();
+                        } else {
+                            self.server.metrics.home_connections.dec();
+                        }
+                    }
+                }
+                ClientToServer::WatchConns => {
+                    if !is_mesh {
+                        return Err(ConnError::NotMesh(typ));
+                    }
+                    // Our own mesh client connecting back to us (self-connect) is not a watcher.
+                    if self.conn.key != self.server.public_key {
+                        self.server.registry.add_watcher(self.conn);
+                    }
+                }
+                ClientToServer::ClosePeer(k) => {
+                    if !is_mesh {
+                        return Err(ConnError::NotMesh(typ));
+                    }
+                    let n = self.server.registry.close_key(&k);
+                    debug!(target_key = %k.short(), closed = n, "mesh peer asked to close a client");
+                }
+                ClientToServer::Ping(data) => self.conn.set_pong(data),
+                ClientToServer::Pong(_) | ClientToServer::Ignored(_) => {}
+            }
+        }
+    }
+
+    fn note_received(&self, disco: bool, len: usize) {
+        let m = &self.server.metrics;
+        m.packets_received
+            .get_or_create(&KindLabel {
+                kind: crate::metrics::kind_label(disco),
+            })
+            .inc();
+        m.bytes_received.inc_by(len as u64);
+    }
+
+    fn send_packet(&mut self, dst: NodePublic, packet: Bytes) {
+        let disco = frame::looks_like_disco(&packet);
+        self.note_received(disco, packet.len());
+        let m = &self.server.metrics;
+        match self.server.registry.route(&dst) {
+            Route::Local(c) => c.enqueue_packet(
+                Packet {
+                    src: self.conn.key,
+                    data: packet,
+                },
+                disco,
+                m,
+            ),
+            Route::Forward(f) => {
+                if f.forward(self.conn.key, dst, packet) {
+                    m.packets_forwarded_out.inc();
+                }
+            }
+            Route::DupNoActive => m.dropped(DropReason::DupClient, disco),
+            Route::Unknown => {
+                m.dropped(DropReason::UnknownDest, disco);
+                if disco {
+                    self.not_here(dst);
+                }
+            }
+        }
+    }
+
+    fn forwarded_packet(&mut self, src: NodePublic, dst: NodePublic, packet: Bytes) {
+        let disco = frame::looks_like_disco(&packet);
+        self.note_received(disco, packet.len());
+        let m = &self.server.metrics;
+        if src.is_zero() {
+            // Only a v1 RecvPacket could carry it; nobody speaks v1 any more.
+            m.dropped(DropReason::UnknownDestOnFwd, disco);
+            return;
+        }
+        match self.server.registry.route_local(&dst) {
+            Route::Local(c) => {
+                m.packets_forwarded_in.inc();
+                c.enqueue_packet(Packet { src, data: packet }, disco, m);
+            }
+            Route::DupNoActive => m.dropped(DropReason::DupClient, disco),
+            _ => {
+                m.dropped(DropReason::UnknownDestOnFwd, disco);
+                if disco {
+                    self.not_here(dst);
+                }
+            }
+        }
+    }
+
+    /// PeerGone(NotHere) to the sender, rate-limited like Go (burst 3, 1/s).
+    fn not_here(&mut self, dst: NodePublic) {
+        let now = Instant::now();
+        let refill = now.duration_since(self.not_here_at).as_secs_f64();
+        self.not_here_at = now;
+        self.not_here_tokens = (self.not_here_tokens + refill).min(NOT_HERE_BURST);
+        if self.not_here_tokens >= 1.0 {
+            self.not_here_tokens -= 1.0;
+            if self.conn.enqueue_peer_gone(dst, PeerGoneReason::NotHere) {
+                self.server
+                    .metrics
+                    .peer_gone_sent
+                    .get_or_create(&ReasonLabel { reason: "not_here" })
+                    .inc();
+            }
+        }
+    }
+}
+
+struct Writer<'a> {
+    server: &'a Arc<DerpServer>,
+    conn: &'a Arc<ClientConn>,
+    wbuf: Vec<u8>,
+    /// Every source this connection has been sent a packet from (for PeerGone).
+    received_from: HashSet<NodePublic>,
+    new_sources: Vec<NodePublic>,
+    /// Swapped with the shared outbox so queues keep their capacity across batches.
+    batch: Outbox,
+}
+
+impl Writer<'_> {
+    async fn run<W: AsyncWrite + Unpin>(&mut self, mut wr: W) -> Result<(), ConnError> {
+        let period = self.server.config.keepalive_interval
+            + Duration::from_millis(rand::thread_rng().gen_range(0..KEEPALIVE_JITTER_MS));
+        let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
+        let write_timeout = if self.conn.is_mesh {
+            Some(MESH_WRITE_TIMEOUT)
+        } else {
+            self.server.config.write_timeout
+        };
+        loop {
+            tokio::select! {
+                _ = self.conn.wake.notified() => {}
+                _ = keepalive.tick() => frame::encode_keep_alive(&mut self.wbuf),
+            }
+            self.fill_batch();
+            if self.wbuf.is_empty() {
+                continue;
+            }
+            if let Err(e) = write_with_deadline(&mut wr, &self.wbuf, write_timeout).await {
+                self.server.metrics.dropped(DropReason::WriteError, false);
+                return Err(e);
+            }
+            self.wbuf.clear();
+            if self.wbuf.capacity() > WRITE_BUF_KEEP {
+                self.wbuf = Vec::new();
+            }
+            if !self.new_sources.is_empty() {
+                self.server
+                    .registry
+                    .note_sent_to(self.conn, &self.new_sources);
+                self.new_sources.clear();
+            }
+        }
+    }
+
+    /// Moves everything queued into the write buffer as frames.
+    fn fill_batch(&mut self) {
+        {
+            let mut ob = self.conn.lock_outbox();
+            if ob.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *ob, &mut self.batch);
+        }
+        let b = &mut self.batch;
+        let w = &mut self.wbuf;
+        if let Some((reconnect, try_for)) = b.restarting.take() {
+            frame::encode_restarting(w, reconnect, try_for);
+        }
+        if let Some(p) = b.pong.take() {
+            frame::encode_pong(w, &p);
+        }
+        for (key, reason) in b.peer_gone.drain(..) {
+            frame::encode_peer_gone(w, &key, reason);
+        }
+        for u in b.peer_updates.drain(..) {
+            match u {
+                PeerUpdate::Present { key, addr, flags } => {
+                    frame::encode_peer_present(w, &key, addr, flags)
+                }
+                PeerUpdate::Gone(key) => {
+                    frame::encode_peer_gone(w, &key, PeerGoneReason::Disconnected)
+                }
+            }
+        }
+        let m = &self.server.metrics;
+        for q in [&mut b.disco, &mut b.other] {
+            drain_packets(q, w, &mut self.received_from, &mut self.new_sources, m);
+        }
+    }
+}
+
+fn drain_packets(
+    q: &mut VecDeque<Packet>,
+    w: &mut Vec<u8>,
+    received_from: &mut HashSet<NodePublic>,
+    new_sources: &mut Vec<NodePublic>,
+    m: &Metrics,
+) {
+    let mut bytes = 0u64;
+    let n = q.len() as u64;
+    for p in q.drain(..) {
+        frame::encode_recv_packet(w, &p.src, &p.data);
+        bytes += p.data.len() as u64;
+        if received_from.insert(p.src) {
+            new_sources.push(p.src);
+        }
+    }
+    if n > 0 {
+        m.packets_sent.inc_by(n);
+        m.bytes_sent.inc_by(bytes);
+    }
+}
+
+/// Writes `buf` fully and flushes; each write must make progress within `deadline` (Go sets a
+/// deadline per frame; a client that stops reading is cut off instead of stalling anyone).
+async fn write_with_deadline<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &[u8],
+    deadline: Option<Duration>,
+) -> Result<(), ConnError> {
+    let mut off = 0;
+    while off < buf.len() {
+        let n = match deadline {
+            Some(d) => timeout(d, wr.write(&buf[off..]))
+                .await
+                .map_err(|_| ConnError::Timeout("writing to client"))??,
+            None => wr.write(&buf[off..]).await?,
+        };
+        if n == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        off += n;
+    }
+    match deadline {
+        Some(d) => timeout(d, wr.flush())
+            .await
+            .map_err(|_| ConnError::Timeout("flushing to client"))??,
+        None => wr.flush().await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! Binding the listeners and running them: the public DERP/HTTP(S) listener, the port-80
+//! listener next to TLS, STUN, metrics, certificate reloading, and shutdown.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use derp_proto::derpmap::{DerpMap, DerpNode, DerpRegion};
+use derp_proto::key::{NodePrivate, NodePublic, parse_key_file, render_key_file};
+use prometheus_client::registry::Registry as PromRegistry;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::certs::{self, CertResolver, SniPolicy};
+use crate::config::{Config, TlsMode};
+use crate::derp::DerpServer;
+use crate::http::{self, HttpState};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::registry::Registry;
+
+/// TLS handshakes must finish within this (Go's HTTP read timeout).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("key file {path}: {detail}")]
+    KeyFile { path: String, detail: String },
+    #[error(transparent)]
+    Cert(#[from] certs::CertError),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server: its bound addresses, for logs and tests.
+pub struct ServerHandle {
+    pub derp_addr: SocketAddr,
+    pub stun_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub public_key: NodePublic,
+    /// The map entry for this node (CertName pin filled in for a self-signed certificate).
+    pub derp_map: DerpMap,
+    pub derp: Arc<DerpServer>,
+    pub resolver: Option<Arc<CertResolver>>,
+    http: Arc<HttpState>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// Loads the key file in Go's format, creating it (0600) with a fresh key if missing.
+pub fn load_or_create_key(path: &Path) -> Result<NodePrivate, ServerError> {
+    let err = |detail: String| ServerError::KeyFile {
+        path: path.display().to_string(),
+        detail,
+    };
+    match std::fs::read(path) {
+        Ok(b) => parse_key_file(&b).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = NodePrivate::generate();
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| err(format!("creating its directory: {e}")))?;
+            }
+            certs::write_with_mode(path, render_key_file(&k).as_bytes(), 0o600)
+                .map_err(|e| err(format!("writing a new key: {e}")))?;
+            info!(path = %path.display(), "wrote a new server key");
+            Ok(k)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServerError> {
+    let e = |source| ServerError::Bind { what, addr, source };
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).map_err(e)?;
+    if addr.is_ipv6() {
+        // `-a :443` serves IPv4 and IPv6 on one socket, as Go does.
+        let _ = s.set_only_v6(false);
+    }
+    s.set_reuse_address(true).map_err(e)?;
+    s.set_nonblocking(true).map_err(e)?;
+    s.bind(&addr.into()).map_err(e)?;
+    s.listen(1024).map_err(e)?;
+    TcpListener::from_std(s.into()).map_err(e)
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
+    let e = |source| ServerError::Bind {
+        what: "STUN",
+        addr,
+        source,
+    };
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(e)?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    s.set_nonblocking(true).map_err(e)?;
+    s.bind(&addr.into()).map_err(e)?;
+    UdpSocket::from_std(s.into()).map_err(e)
+}
+
+/// Binds `host:port`; with no host, tries dual-stack `[::]` and falls back to `0.0.0.0` on hosts
+/// without IPv6.
+fn listen_addr(host: Option<IpAddr>, port: u16) -> Vec<SocketAddr> {
+    match host {
+        Some(h) => vec![SocketAddr::new(h, port)],
+        None => vec![
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            SocketAddr::from(([0, 0, 0, 0], port)),
+        ],
+    }
+}
+
+fn bind_tcp_any(host: Option<IpAddr>, port: u16, what: &'static str) -> Result<TcpListener, ServerError> {
+    let mut last = None;
+    for a in listen_addr(host, port) {
+        match bind_tcp(a, what) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(ServerError::Bind {
+        what,
+        addr: SocketAddr::from(([0, 0, 0, 0], port)),
+        source: std::io::ErrorKind::AddrNotAvailable.into(),
+    }))
+}
+
+fn tune_accepted(s: &TcpStream, cfg: &Config) {
+    // Tokio leaves Nagle on; small DERP frames (pongs, PeerGone) must not wait behind it.
+    let _ = s.set_nodelay(true);
+    let sock = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new().with_time(cfg.tcp_keepalive_time);
+    let _ = sock.set_tcp_keepalive(&ka);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = sock.set_tcp_user_timeout(Some(cfg.tcp_user_timeout).filter(|d| !d.is_zero()));
+}
+
+/// Starts every listener and returns once they are bound.
+pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHandle, ServerError> {
+    let private_key = match &cfg.key_file {
+        Some(p) => load_or_create_key(p)?,
+        None => NodePrivate::generate(),
+    };
+    let public_key = private_key.public();
+    let metrics = Arc::new(Metrics::default());
+
+    let mut resolver = None;
+    let mut pin = None;
+    if let TlsMode::Manual { certdir } = &cfg.tls {
+        let meta = certs::meta_cert(&public_key)?;
+        let files = match certs::locate(certdir, &cfg.hostname) {
+            Ok(f) => f,
+            Err(missing) => match cfg.hostname.parse::<IpAddr>() {
+                Ok(ip) => {
+                    let f = certs::create_self_signed(certdir, ip)?;
+                    info!(cert = %f.cert.display(), "no certificate for the IP hostname: generated a self-signed one");
+                    f
+                }
+                Err(_) => return Err(missing.into()),
+            },
+        };
+        let loaded = certs::load(&files, &cfg.hostname, &meta)?;
+        if loaded.self_signed {
+            pin = Some(certs::pin_of(&loaded.leaf_der));
+        }
+        info!(cert = %files.cert.display(), self_signed = loaded.self_signed, "TLS certificate loaded");
+        let r = Arc::new(CertResolver::new(loaded, SniPolicy::for_hostname(&cfg.hostname)));
+        resolver = Some((r, files, meta));
+    }
+
+    let derp = Arc::new(DerpServer {
+        private_key,
+        public_key,
+        mesh_key: None,
+        registry: Registry::new(metrics.clone()),
+        metrics: metrics.clone(),
+        config: cfg.derp.clone(),
+        shutdown: shutdown.clone(),
+    });
+
+    let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP")?;
+    let derp_addr = main_listener.local_addr().map_err(|source| ServerError::Bind {
+        what: "DERP",
+        addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
+        source,
+    })?;
+    let tls_on = resolver.is_some();
+
+    let http_state = Arc::new(HttpState {
+        derp: derp.clone(),
+        derp_enabled: cfg.derp_enabled,
+        home: cfg.home.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+        bootstrap_dns: tokio::sync::RwLock::new(None),
+        tls_port: tls_on.then_some(derp_addr.port()),
+    });
+
+    let mut tasks = JoinSet::new();
+
+    let stun_addr = match cfg.stun_port {
+        Some(port) => {
+            let host = cfg.listen_host;
+            let mut sock = None;
+            for a in listen_addr(host, port) {
+                match bind_udp(a) {
+                    Ok(s) => {
+                        sock = Some(s);
+                        break;
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+            }
+            match sock {
+                Some(s) => {
+                    let s = Arc::new(s);
+                    let addr = s.local_addr().ok();
+                    tasks.spawn(crate::stun_server::run(s, metrics.clone(), cfg.stun_rate_limit, shutdown.clone()));
+                    addr
+                }
+                None => {
+                    // Go runs on without STUN if it cannot bind; we say so loudly instead.
+                    error!(port, "STUN is disabled: could not bind its UDP port");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+
+    let http_addr = match (tls_on, cfg.http_port) {
+        (true, Some(port)) => {
+            let l = bind_tcp_any(cfg.listen_host, port, "HTTP")?;
+            let addr = l.local_addr().ok();
+            let router = http::port80_router(http_state.clone());
+            tasks.spawn(serve_plain_http(l, router, shutdown.clone()));
+            addr
+        }
+        _ => None,
+    };
+
+    let metrics_addr = match cfg.metrics_addr {
+        Some(a) => {
+            let l = bind_tcp(a, "metrics")?;
+            let addr = l.local_addr().ok();
+            let mut reg = PromRegistry::default();
+            metrics.register(&mut reg);
+            let router = metrics_router(Arc::new(reg), http_state.clone());
+            tasks.spawn(serve_plain_http(l, router, shutdown.clone()));
+            addr
+        }
+        None => None,
+    };
+
+    let acceptor = resolver
+        .as_ref()
+        .map(|(r, _, _)| TlsAcceptor::from(certs::server_config(r.clone())));
+    let cfg = Arc::new(cfg);
+    let router = http::router(http_state.clone());
+    tasks.spawn(accept_loop(
+        main_listener,
+        acceptor,
+        router,
+        http_state.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(http::refresh_bootstrap_dns(http_state.clone(), cfg.bootstrap_dns_names.clone()));
+
+    let resolver = match resolver {
+        Some((r, files, meta)) => {
+            tasks.spawn(reload_certs(r.clone(), files, meta, cfg.hostname.clone(), metrics.clone(), shutdown.clone()));
+            Some(r)
+        }
+        None => None,
+    };
+
+    let derp_map = own_map(&cfg, derp_addr.port(), pin, tls_on, stun_addr);
+    http_state.ready.store(true, Ordering::Relaxed);
+    info!(%derp_addr, tls = tls_on, ?stun_addr, ?http_addr, ?metrics_addr, key = %public_key, "derper serving");
+
+    Ok(ServerHandle {
+        derp_addr,
+        stun_addr,
+        http_addr,
+        metrics_addr,
+        public_key,
+        derp_map,
+        derp,
+        resolver,
+        http: http_state,
+        shutdown,
+        tasks,
+    })
+}
+
+/// This node's map entry, from the flags and what was bound.
+pub fn own_map(cfg: &Config, port: u16, pin: Option<String>, tls: bool, stun: Option<SocketAddr>) -> DerpMap {
+    let m = &cfg.map;
+    let host_ip = cfg.hostname.parse::<IpAddr>().ok();
+    let ipv4 = m.ipv4.clone().or_else(|| host_ip.filter(IpAddr::is_ipv4).map(|i| i.to_string()));
+    let ipv6 = m.ipv6.clone().or_else(|| host_ip.filter(IpAddr::is_ipv6).map(|i| i.to_string()));
+    let (cert_name, insecure) = match (m.insecure_for_tests, pin) {
+        (true, _) => (String::new(), true),
+        (false, Some(p)) => (p, false),
+        (false, None) => (String::new(), false),
+    };
+    let node = DerpNode {
+        name: m.node_name.clone(),
+        region_id: m.region_id,
+        host_name: cfg.hostname.clone(),
+        cert_name,
+        ipv4: ipv4.unwrap_or_default(),
+        ipv6: ipv6.unwrap_or_default(),
+        stun_port: match stun {
+            Some(a) if a.port() == 3478 => 0,
+            Some(a) => i64::from(a.port()),
+            None => -1,
+        },
+        derp_port: if port == 443 { 0 } else { i64::from(port) },
+        insecure_for_tests: insecure,
+        can_port80: tls && cfg.http_port == Some(80),
+        ..Default::default()
+    };
+    let mut map = DerpMap::default();
+    map.regions.insert(
+        m.region_id,
+        DerpRegion {
+            region_id: m.region_id,
+            region_code: m.region_code.clone(),
+            region_name: m.region_name.clone(),
+            nodes: vec![node],
+            ..Default::default()
+        },
+    );
+    map
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    router: Router,
+    st: Arc<HttpState>,
+    cfg: Arc<Config>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (sock, remote) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; never exit.
+                    warn!("accept failed: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        st.derp.metrics.accepts.inc();
+        tune_accepted(&sock, &cfg);
+        // Peers on a dual-stack socket are reported as plain IPv4, as Go does.
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+        let st = st.clone();
+        let router = router.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            match acceptor {
+                None => http::serve_connection(st, router, sock, remote).await,
+                Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
+                    Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote).await,
+                    Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
+                    Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
+                },
+            }
+        });
+    }
+}
+
+async fn serve_plain_http(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
+    if let Err(e) = serve.await {
+        error!("HTTP listener failed: {e}");
+    }
+}
+
+fn metrics_router(reg: Arc<PromRegistry>, st: Arc<HttpState>) -> Router {
+    async fn metrics(axum::extract::State(reg): axum::extract::State<Arc<PromRegistry>>) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+            return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            out,
+        )
+            .into_response()
+    }
+    let health = Router::new()
+        .route("/healthz", axum::routing::get(http::healthz))
+        .route("/readyz", axum::routing::get(http::readyz))
+        .with_state(st);
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state(reg)
+        .merge(health)
+}
+
+/// Swaps in renewed certificates: new handshakes get them, established connections are untouched.
+async fn reload_certs(
+    r: Arc<CertResolver>,
+    files: certs::CertFiles,
+    meta: rustls_pki_types::CertificateDer<'static>,
+    hostname: String,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<()>();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(certs::RELOAD_INTERVAL) => {}
+            _ = hup_fut => info!("SIGHUP: checking certificates"),
+        }
+        reload_once(&r, &files, &meta, &hostname, &metrics);
+    }
+}
+
+/// Checks the files once; returns whether a new certificate was installed.
+pub fn reload_once(
+    r: &CertResolver,
+    files: &certs::CertFiles,
+    meta: &rustls_pki_types::CertificateDer<'static>,
+    hostname: &str,
+    metrics: &Metrics,
+) -> bool {
+    let label = |reason| ReasonLabel { reason };
+    match certs::load(files, hostname, meta) {
+        Ok(new) if new.fingerprint != r.current().fingerprint => {
+            info!(pin = %certs::pin_of(&new.leaf_der), "certificate changed on disk: serving the new one to new connections");
+            r.replace(new);
+            metrics.cert_reloads.get_or_create(&label("ok")).inc();
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            // A half-written renewal must not take the server down: keep the old certificate.
+            warn!("certificate reload failed, keeping the current one: {e}");
+            metrics.cert_reloads.get_or_create(&label("error")).inc();
+            false
+        }
+    }
+}
+
+impl ServerHandle {
+    /// Stops accepting and closes every connection.
+    pub async fn shutdown(mut self) {
+        self.http.ready.store(false, Ordering::Relaxed);
+        self.shutdown.cancel();
+        for c in self.derp.registry.all_conns() {
+            c.cancel.cancel();
+        }
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.http.ready.store(ready, Ordering::Relaxed);
+    }
+}
