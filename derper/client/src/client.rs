@@ -602,7 +602,12 @@ async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
                 ideal,
             );
             encode_hello(&mut writer.buf, cfg, &key)?;
-            step(deadline, "sending upgrade and ClientInfo", writer.write_out_timed(None)).await?;
+            step(
+                deadline,
+                "sending upgrade and ClientInfo",
+                writer.write_out_timed(None),
+            )
+            .await?;
             key
         }
         None => {
@@ -614,7 +619,12 @@ async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
                     false,
                     ideal,
                 );
-                step(deadline, "sending upgrade request", writer.write_out_timed(None)).await?;
+                step(
+                    deadline,
+                    "sending upgrade request",
+                    writer.write_out_timed(None),
+                )
+                .await?;
                 step(deadline, "reading upgrade response", read_101(&mut reader)).await?;
             }
             let (t, payload) = step(

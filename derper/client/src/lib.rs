@@ -24,8 +24,8 @@ mod ws;
 
 pub use client::{Client, ClientHandle, ClientReceiver, ConnInfo};
 pub use config::{
-    AddrFamily, ClientConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
-    DEFAULT_WRITE_TIMEOUT, Transport,
+    AddrFamily, ClientConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+    Transport,
 };
 pub use derp_proto::frame::{PeerGoneReason, ServerToClient};
 pub use error::ClientError;

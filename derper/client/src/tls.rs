@@ -90,7 +90,10 @@ impl TlsTrust {
 
 /// `sha256-raw:<hex>` for a certificate, the `CertName` value that pins it.
 pub fn cert_name_for(cert_der: &[u8]) -> String {
-    format!("{SHA256_RAW_PREFIX}{}", hex::encode(Sha256::digest(cert_der)))
+    format!(
+        "{SHA256_RAW_PREFIX}{}",
+        hex::encode(Sha256::digest(cert_der))
+    )
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -123,25 +126,26 @@ pub(crate) fn client_config(
 ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     let provider = provider();
     let algs = provider.signature_verification_algorithms;
-    let webpki = |extra: &[CertificateDer<'static>]| -> Result<Arc<dyn ServerCertVerifier>, ClientError> {
-        let mut roots = web_pki_roots();
-        for c in extra {
-            roots
-                .add(c.clone())
-                .map_err(|e| ClientError::Config(format!("extra CA: {e}")))?;
-        }
-        let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| ClientError::Config(format!("TLS verifier: {e}")))?;
-        Ok(match cert_name {
-            Some(name) => Arc::new(RenamedVerifier {
-                inner: v,
-                name: ServerName::try_from(name.to_owned())
-                    .map_err(|e| ClientError::Config(format!("CertName {name:?}: {e}")))?,
-            }),
-            None => v,
-        })
-    };
+    let webpki =
+        |extra: &[CertificateDer<'static>]| -> Result<Arc<dyn ServerCertVerifier>, ClientError> {
+            let mut roots = web_pki_roots();
+            for c in extra {
+                roots
+                    .add(c.clone())
+                    .map_err(|e| ClientError::Config(format!("extra CA: {e}")))?;
+            }
+            let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| ClientError::Config(format!("TLS verifier: {e}")))?;
+            Ok(match cert_name {
+                Some(name) => Arc::new(RenamedVerifier {
+                    inner: v,
+                    name: ServerName::try_from(name.to_owned())
+                        .map_err(|e| ClientError::Config(format!("CertName {name:?}: {e}")))?,
+                }),
+                None => v,
+            })
+        };
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
         TlsTrust::WebPki => webpki(&[])?,
         TlsTrust::ExtraCa(extra) => webpki(extra)?,
@@ -185,7 +189,8 @@ pub fn parse_metacert(chain: &[CertificateDer<'_>]) -> Option<(NodePublic, u32)>
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
             continue;
         };
-        let Some(hex_key) = last_common_name(&cert).and_then(|cn| cn.strip_prefix(METACERT_CN_PREFIX))
+        let Some(hex_key) =
+            last_common_name(&cert).and_then(|cn| cn.strip_prefix(METACERT_CN_PREFIX))
         else {
             continue;
         };
@@ -385,5 +390,157 @@ impl ServerCertVerifier for RenamedVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use derp_proto::NodePrivate;
+    use rcgen::{CertificateParams, DnType, IsCa, KeyPair, SerialNumber, date_time_ymd};
+
+    use super::*;
+
+    /// A metacert shaped like Go's: Ed25519, serial = version, CN `derpkey<hex>`, cA=false.
+    fn metacert(cn: &str, serial: &[u8]) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.serial_number = Some(SerialNumber::from_slice(serial));
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn leaf(
+        names: &[&str],
+        not_before: (i32, u8),
+        not_after: (i32, u8),
+    ) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut p = CertificateParams::new(names.clone()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, &names[0]);
+        p.not_before = date_time_ymd(not_before.0, not_before.1, 1);
+        p.not_after = date_time_ymd(not_after.0, not_after.1, 1);
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn sha(c: &CertificateDer<'_>) -> [u8; 32] {
+        Sha256::digest(c.as_ref()).into()
+    }
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    fn dns(s: &str) -> ServerName<'static> {
+        ServerName::try_from(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn metacert_key_and_version() {
+        let server = NodePrivate::generate().public();
+        let meta = metacert(&format!("derpkey{}", server.untyped_hex()), &[2]);
+        let l = leaf(&["127.0.0.1"], (2020, 1), (2099, 1));
+        assert_eq!(
+            parse_metacert(&[l.clone(), meta.clone()]),
+            Some((server, 2))
+        );
+        assert!(is_metacert(&meta) && !is_metacert(&l));
+        // Uppercase hex is accepted, as Go's untyped key parser does.
+        let upper = metacert(
+            &format!("derpkey{}", server.untyped_hex().to_uppercase()),
+            &[2],
+        );
+        assert_eq!(parse_metacert(&[upper]), Some((server, 2)));
+        // Serial 0: found, but version 0 (the caller must not fast start).
+        assert_eq!(
+            parse_metacert(&[metacert(&format!("derpkey{}", server.untyped_hex()), &[0])]),
+            Some((server, 0))
+        );
+        // Serial wider than 8 bits: skipped, like Go's BitLen() <= 8 check.
+        assert_eq!(
+            parse_metacert(&[metacert(
+                &format!("derpkey{}", server.untyped_hex()),
+                &[1, 0]
+            )]),
+            None
+        );
+        // Bad hex or length: skipped, a later good one still counts.
+        let bad = metacert("derpkeyzz", &[2]);
+        assert_eq!(parse_metacert(&[bad.clone(), meta]), Some((server, 2)));
+        assert_eq!(parse_metacert(&[bad, l]), None);
+        assert_eq!(
+            parse_metacert(&[CertificateDer::from(vec![0x30, 0x03, 0x02])]),
+            None
+        );
+    }
+
+    #[test]
+    fn pinned_chain_rules() {
+        let server = NodePrivate::generate().public();
+        let meta = metacert(&format!("derpkey{}", server.untyped_hex()), &[2]);
+        let l = leaf(&["127.0.0.1", "derp.example.com"], (2020, 1), (2099, 1));
+        let pin = sha(&l);
+        assert_eq!(check_pinned_chain([&l, &meta], &pin, None, now()), Ok(()));
+        assert_eq!(
+            check_pinned_chain([&l], &pin, Some(&dns("derp.example.com")), now()),
+            Ok(())
+        );
+        let e = check_pinned_chain([&l], &pin, Some(&dns("other.example.com")), now()).unwrap_err();
+        assert!(e.contains("server name"), "{e}");
+        let e = check_pinned_chain([&l], &[0; 32], None, now()).unwrap_err();
+        assert!(e.contains("hash does not match"), "{e}");
+        // An intermediate next to the pinned leaf: Go refuses (send leaf + metacert only).
+        let other = leaf(&["ca.example.com"], (2020, 1), (2099, 1));
+        let e = check_pinned_chain([&l, &other, &meta], &pin, None, now()).unwrap_err();
+        assert_eq!(e, "unexpected multiple certs presented");
+        assert_eq!(
+            check_pinned_chain([&meta], &pin, None, now()).unwrap_err(),
+            "expected cert not presented"
+        );
+        let old = leaf(&["127.0.0.1"], (2000, 1), (2001, 1));
+        let e = check_pinned_chain([&old], &sha(&old), None, now()).unwrap_err();
+        assert!(e.starts_with("cert expired"), "{e}");
+        let future = leaf(&["127.0.0.1"], (2098, 1), (2099, 1));
+        let e = check_pinned_chain([&future], &sha(&future), None, now()).unwrap_err();
+        assert!(e.contains("not yet valid"), "{e}");
+        let junk = CertificateDer::from(vec![1, 2, 3]);
+        assert!(check_pinned_chain([&junk], &pin, None, now()).is_err());
+    }
+
+    #[test]
+    fn cert_name_parsing() {
+        let l = leaf(&["127.0.0.1"], (2020, 1), (2099, 1));
+        let name = cert_name_for(&l);
+        assert_eq!(
+            TlsTrust::from_sha256_raw(&name).unwrap(),
+            TlsTrust::Pinned(sha(&l))
+        );
+        assert!(
+            TlsTrust::from_sha256_raw(&name.to_uppercase().replace("SHA256-RAW:", "sha256-raw:"))
+                .is_err()
+        );
+        assert!(TlsTrust::from_sha256_raw("sha256:abcd").is_err());
+        assert!(TlsTrust::from_sha256_raw("sha256-raw:abcd").is_err());
+        assert!(format!("{:?}", TlsTrust::from_sha256_raw(&name).unwrap()).contains(&name));
+    }
+
+    #[test]
+    fn extra_ca_pem() {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["ca.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let t = TlsTrust::extra_ca_pem(cert.pem().as_bytes()).unwrap();
+        assert_eq!(t, TlsTrust::ExtraCa(vec![cert.der().clone()]));
+        assert!(TlsTrust::extra_ca_pem(b"nothing here").is_err());
+        assert!(client_config(&t, Some("derp.example.com")).is_ok());
+        assert!(
+            client_config(&TlsTrust::Insecure, None)
+                .unwrap()
+                .alpn_protocols
+                .is_empty()
+        );
     }
 }
