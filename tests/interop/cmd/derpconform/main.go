@@ -81,6 +81,7 @@ var checks = []namedCheck{
 	{"upgrade/fast-start-one-record", checkFastStartOneWrite},
 	{"upgrade/websocket-header-without-derp-protocol", checkWebSocketLegacy},
 	{"upgrade/websocket-derp", checkWebSocket},
+	{"upgrade/websocket-40000-byte-message", checkWebSocketBigMessage},
 	{"handshake/serverinfo", checkServerInfo},
 	{"handshake/bad-box-closed", checkBadBox},
 	{"handshake/meshkey-abc-closed", checkMeshKeyABC},

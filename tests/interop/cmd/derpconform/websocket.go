@@ -7,8 +7,10 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"derp-fleet/tests/interop/internal/rawderp"
@@ -110,63 +112,87 @@ func (w *wsConn) frame(d time.Duration) (byte, []byte, error) {
 	}
 }
 
-// checkWebSocket: §4.4, §17 item 9.
-func checkWebSocket() (string, error) {
+// wsOpen dials, performs the RFC 6455 handshake with the derp subprotocol
+// and reads the ServerKey frame.
+func wsOpen() (*wsConn, key.NodePublic, error) {
 	c, err := rawderp.Dial(ctx, &tgt, nil)
 	if err != nil {
-		return "", err
+		return nil, key.NodePublic{}, err
 	}
-	defer c.Close()
 	var nonce [16]byte
 	rand.Read(nonce[:])
 	wsKey := base64.StdEncoding.EncodeToString(nonce[:])
 	req := c.Request("/derp", "Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13",
 		"Sec-WebSocket-Key: "+wsKey, "Sec-WebSocket-Protocol: derp")
+	fail := func(err error) (*wsConn, key.NodePublic, error) {
+		c.Close()
+		return nil, key.NodePublic{}, err
+	}
 	if err := c.Write(req); err != nil {
-		return "", err
+		return fail(err)
 	}
 	head, resp, err := c.ReadHead(5 * time.Second)
 	if err != nil {
-		return "", fmt.Errorf("%v (%q)", err, head)
+		return fail(fmt.Errorf("%v (%q)", err, head))
 	}
 	if resp.StatusCode != 101 {
-		return "", fmt.Errorf("status %q, want 101", resp.Status)
+		return fail(fmt.Errorf("status %q, want 101", resp.Status))
 	}
 	sum := sha1.Sum([]byte(wsKey + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
 	if got, want := resp.Header.Get("Sec-WebSocket-Accept"), base64.StdEncoding.EncodeToString(sum[:]); got != want {
-		return "", fmt.Errorf("Sec-WebSocket-Accept %q, want %q", got, want)
+		return fail(fmt.Errorf("Sec-WebSocket-Accept %q, want %q", got, want))
 	}
 	if p := resp.Header.Get("Sec-WebSocket-Protocol"); p != "derp" {
-		return "", fmt.Errorf("Sec-WebSocket-Protocol %q, want derp", p)
+		return fail(fmt.Errorf("Sec-WebSocket-Protocol %q, want derp", p))
 	}
 	w := &wsConn{c: c}
 	t, p, err := w.frame(5 * time.Second)
 	if err != nil {
-		return "", fmt.Errorf("ServerKey over websocket: %v", err)
+		return fail(fmt.Errorf("ServerKey over websocket: %v", err))
 	}
 	sk, err := rawderp.ParseServerKey(t, p)
 	if err != nil {
-		return "", err
+		return fail(err)
 	}
-	// ClientInfo split across two messages.
-	priv := key.NewNode()
+	return w, sk, nil
+}
+
+// wsLogin sends ClientInfo (split over two messages, §17 item 9) and reads
+// ServerInfo.
+func wsLogin(w *wsConn, sk key.NodePublic, priv key.NodePrivate) error {
 	ci := rawderp.Frame(rawderp.ClientInfo, rawderp.ClientInfoPayload(priv, sk, rawderp.DefaultInfo))
 	if err := w.writeMessage(ci[:7]); err != nil {
-		return "", err
+		return err
 	}
 	if err := w.writeMessage(ci[7:]); err != nil {
-		return "", err
+		return err
 	}
-	t, p, err = w.frame(5 * time.Second)
+	t, p, err := w.frame(5 * time.Second)
 	if err != nil {
-		return "", fmt.Errorf("ServerInfo over websocket: %v", err)
+		return fmt.Errorf("ServerInfo over websocket: %v", err)
 	}
 	if t != rawderp.ServerInfo {
-		return "", fmt.Errorf("frame 0x%02x after ClientInfo, want ServerInfo", t)
+		return fmt.Errorf("frame 0x%02x after ClientInfo, want ServerInfo", t)
 	}
 	if _, ok := priv.OpenFrom(sk, p); !ok {
-		return "", errors.New("ServerInfo box does not open")
+		return errors.New("ServerInfo box does not open")
 	}
+	return nil
+}
+
+// checkWebSocket: §4.4, §17 item 9.
+func checkWebSocket() (string, error) {
+	w, sk, err := wsOpen()
+	if err != nil {
+		return "", err
+	}
+	defer w.c.Close()
+	priv := key.NewNode()
+	if err := wsLogin(w, sk, priv); err != nil {
+		return "", err
+	}
+	var t byte
+	var p []byte
 	// Two frames in one message: a Ping and a packet to ourselves. (Not two
 	// Pings: the server holds one pending pong and may ignore the second.)
 	pkt := bytes.Repeat([]byte{0xab}, 1400)
@@ -192,4 +218,43 @@ func checkWebSocket() (string, error) {
 		}
 	}
 	return "101 with Sec-WebSocket-Protocol: derp and correct Accept; ClientInfo split over 2 messages, Ping + 1400-byte self-send in 1 message", nil
+}
+
+var serverKind = flag.String("server-kind", "ours", "ours or go: selects the expectation for the few checks where the spec deliberately differs from Go")
+
+// checkWebSocketBigMessage: §4.4, §17 item 68. A 40 000-byte binary message
+// (one SendPacket to ourselves). Go's server limits received messages to
+// 32 768 bytes and closes with 1009; ours must relay it (deliberate
+// difference, spec §4.4). With -server-kind go this checks Go's behaviour.
+func checkWebSocketBigMessage() (string, error) {
+	w, sk, err := wsOpen()
+	if err != nil {
+		return "", err
+	}
+	defer w.c.Close()
+	priv := key.NewNode()
+	if err := wsLogin(w, sk, priv); err != nil {
+		return "", err
+	}
+	pkt := bytes.Repeat([]byte{0x5a}, 40000-5-32)
+	if err := w.writeMessage(rawderp.Frame(rawderp.SendPacket, append(priv.Public().AppendTo(nil), pkt...))); err != nil {
+		return "", err
+	}
+	t, p, err := w.frame(5 * time.Second)
+	for err == nil && t == rawderp.KeepAlive {
+		t, p, err = w.frame(5 * time.Second)
+	}
+	if *serverKind == "go" {
+		if err != nil && strings.Contains(err.Error(), "server closed the websocket: 03 f1") {
+			return "Go closes with 1009 (message too big), as spec §4.4 says; ours must relay it instead", nil
+		}
+		return "", fmt.Errorf("expected Go's close 1009, got frame 0x%02x / %v", t, err)
+	}
+	if err != nil {
+		return "", fmt.Errorf("40000-byte websocket message: %v (Go closes with 1009; spec §4.4 asks ours to accept ≥ 64 KiB + 64)", err)
+	}
+	if t != rawderp.RecvPacket || !bytes.Equal(p[32:], pkt) {
+		return "", fmt.Errorf("got frame 0x%02x (%d bytes), want the 39963-byte packet back", t, len(p))
+	}
+	return "40000-byte message relayed (Go would close with 1009: deliberate difference)", nil
 }
