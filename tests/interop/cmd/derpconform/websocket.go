@@ -180,17 +180,27 @@ func wsLogin(w *wsConn, sk key.NodePublic, priv key.NodePrivate) error {
 	return nil
 }
 
+// wsSession opens a logged-in WebSocket DERP session with a fresh key.
+func wsSession() (*wsConn, key.NodePrivate, error) {
+	w, sk, err := wsOpen()
+	if err != nil {
+		return nil, key.NodePrivate{}, err
+	}
+	priv := key.NewNode()
+	if err := wsLogin(w, sk, priv); err != nil {
+		w.c.Close()
+		return nil, priv, err
+	}
+	return w, priv, nil
+}
+
 // checkWebSocket: §4.4, §17 item 9.
 func checkWebSocket() (string, error) {
-	w, sk, err := wsOpen()
+	w, priv, err := wsSession()
 	if err != nil {
 		return "", err
 	}
 	defer w.c.Close()
-	priv := key.NewNode()
-	if err := wsLogin(w, sk, priv); err != nil {
-		return "", err
-	}
 	var t byte
 	var p []byte
 	// Two frames in one message: a Ping and a packet to ourselves. (Not two
@@ -227,15 +237,11 @@ var serverKind = flag.String("server-kind", "ours", "ours or go: selects the exp
 // 32 768 bytes and closes with 1009; ours must relay it (deliberate
 // difference, spec §4.4). With -server-kind go this checks Go's behaviour.
 func checkWebSocketBigMessage() (string, error) {
-	w, sk, err := wsOpen()
+	w, priv, err := wsSession()
 	if err != nil {
 		return "", err
 	}
 	defer w.c.Close()
-	priv := key.NewNode()
-	if err := wsLogin(w, sk, priv); err != nil {
-		return "", err
-	}
 	pkt := bytes.Repeat([]byte{0x5a}, 40000-5-32)
 	if err := w.writeMessage(rawderp.Frame(rawderp.SendPacket, append(priv.Public().AppendTo(nil), pkt...))); err != nil {
 		return "", err

@@ -49,6 +49,7 @@ func main() {
 	window := fs.Int("window", 30, "max packets in flight per direction")
 	pings := fs.Int("pings", 10, "Client.Ping round trips per client")
 	seed := fs.Uint64("seed", 1, "seed for the size plan")
+	warmLimit := fs.Duration("warmup", 10*time.Second, "how long the first packet each way may take (a new mesh needs a few seconds to learn keys)")
 	stall := fs.Duration("stall", 10*time.Second, "fail a run if no packet arrives for this long")
 	timeout := fs.Duration("timeout", 120*time.Second, "overall time limit")
 	verbose := fs.Bool("v", false, "log Tailscale client messages")
@@ -96,11 +97,11 @@ func main() {
 	}
 
 	if !r.Run("first-packet", func() (string, error) {
-		d1, err := warmup(a, b)
+		d1, err := warmup(a, b, *warmLimit)
 		if err != nil {
 			return "", err
 		}
-		d2, err := warmup(b, a)
+		d2, err := warmup(b, a, *warmLimit)
 		if err != nil {
 			return "", err
 		}
@@ -381,14 +382,15 @@ func (p *peer) pingRTTs(ctx context.Context, n int) (string, error) {
 }
 
 // warmup sends marker packets from src to dst every 100 ms until one arrives
-// (a mesh needs a moment to learn a new key), then returns how long it took.
-func warmup(src, dst *peer) (time.Duration, error) {
+// (a mesh needs a moment to learn a new key) or limit passes, then returns how
+// long it took.
+func warmup(src, dst *peer, limit time.Duration) (time.Duration, error) {
 	ch := make(chan struct{})
 	dst.mu.Lock()
 	dst.warm[src.pub] = ch
 	dst.mu.Unlock()
 	t0 := time.Now()
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(limit)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for i := 0; ; i++ {
@@ -402,7 +404,7 @@ func warmup(src, dst *peer) (time.Duration, error) {
 			return d, nil
 		case <-tick.C:
 		case <-deadline:
-			return 0, fmt.Errorf("no packet %s->%s within 10s (%d sent)", src.name, dst.name, i+1)
+			return 0, fmt.Errorf("no packet %s->%s within %v (%d sent)", src.name, dst.name, limit, i+1)
 		}
 	}
 }
