@@ -24,7 +24,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("derper: starting the runtime: {e}");
@@ -41,30 +44,26 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: derper::config::Config, print: Option<String>) -> anyhow::Result<()> {
+    if let Some(format) = print {
+        let map = derper::server::configured_map(&config).context("building the DERP map")?;
+        if format == "yaml" {
+            print!("{}", map.to_headscale_yaml());
+        } else {
+            println!("{}", map.to_json_pretty());
+        }
+        return Ok(());
+    }
     let shutdown = CancellationToken::new();
     let handle = derper::server::start(config, shutdown.clone())
         .await
         .context("starting the server")?;
     let map = &handle.derp_map;
-    match print.as_deref() {
-        Some("yaml") => {
-            print!("{}", map.to_headscale_yaml());
-            handle.shutdown().await;
-            return Ok(());
-        }
-        Some(_) => {
-            println!("{}", map.to_json_pretty());
-            handle.shutdown().await;
-            return Ok(());
-        }
-        None => {
-            tracing::info!(
-                "DERP map for this server (Headscale derp.urls JSON / tailcfg.DERPMap):\n{}\nHeadscale derp.paths YAML:\n{}",
-                map.to_json_pretty(),
-                map.to_headscale_yaml()
-            );
-        }
-    }
+    // The block a self-hoster pastes into Headscale: on stdout, apart from the logs.
+    println!(
+        "# DERP map for this server: Headscale derp.urls / tailcfg.DERPMap JSON\n{}\n# Headscale derp.paths YAML\n{}",
+        map.to_json_pretty(),
+        map.to_headscale_yaml()
+    );
     wait_for_signal().await;
     tracing::info!("shutting down");
     handle.shutdown().await;

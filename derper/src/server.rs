@@ -68,7 +68,8 @@ pub fn load_or_create_key(path: &Path) -> Result<NodePrivate, ServerError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = NodePrivate::generate();
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| err(format!("creating its directory: {e}")))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(format!("creating its directory: {e}")))?;
             }
             certs::write_with_mode(path, render_key_file(&k).as_bytes(), 0o600)
                 .map_err(|e| err(format!("writing a new key: {e}")))?;
@@ -82,7 +83,8 @@ pub fn load_or_create_key(path: &Path) -> Result<NodePrivate, ServerError> {
 fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServerError> {
     let e = |source| ServerError::Bind { what, addr, source };
     let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).map_err(e)?;
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(e)?;
     if addr.is_ipv6() {
         // `-a :443` serves IPv4 and IPv6 on one socket, as Go does.
         let _ = s.set_only_v6(false);
@@ -101,7 +103,8 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
         source,
     };
     let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(e)?;
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(e)?;
     if addr.is_ipv6() {
         let _ = s.set_only_v6(false);
     }
@@ -122,7 +125,11 @@ fn listen_addr(host: Option<IpAddr>, port: u16) -> Vec<SocketAddr> {
     }
 }
 
-fn bind_tcp_any(host: Option<IpAddr>, port: u16, what: &'static str) -> Result<TcpListener, ServerError> {
+fn bind_tcp_any(
+    host: Option<IpAddr>,
+    port: u16,
+    what: &'static str,
+) -> Result<TcpListener, ServerError> {
     let mut last = None;
     for a in listen_addr(host, port) {
         match bind_tcp(a, what) {
@@ -147,6 +154,70 @@ fn tune_accepted(s: &TcpStream, cfg: &Config) {
     let _ = sock.set_tcp_user_timeout(Some(cfg.tcp_user_timeout).filter(|d| !d.is_zero()));
 }
 
+/// The certificate side of a TLS server, ready to serve.
+pub struct PreparedTls {
+    pub resolver: Arc<CertResolver>,
+    pub files: certs::CertFiles,
+    pub meta: rustls_pki_types::CertificateDer<'static>,
+    /// `sha256-raw:` pin when the leaf is self-signed.
+    pub pin: Option<String>,
+}
+
+/// Finds (or, for an IP hostname, creates) the certificate and checks it, as Go's manual mode
+/// does at startup.
+pub fn prepare_tls(
+    cfg: &Config,
+    public_key: &NodePublic,
+) -> Result<Option<PreparedTls>, ServerError> {
+    let TlsMode::Manual { certdir } = &cfg.tls else {
+        return Ok(None);
+    };
+    let meta = certs::meta_cert(public_key)?;
+    let files = match certs::locate(certdir, &cfg.hostname) {
+        Ok(f) => f,
+        Err(missing) => match cfg.hostname.parse::<IpAddr>() {
+            Ok(ip) => {
+                let f = certs::create_self_signed(certdir, ip)?;
+                info!(cert = %f.cert.display(), "no certificate for the IP hostname: generated a self-signed one");
+                f
+            }
+            Err(_) => return Err(missing.into()),
+        },
+    };
+    let loaded = certs::load(&files, &cfg.hostname, &meta)?;
+    let pin = loaded.self_signed.then(|| certs::pin_of(&loaded.leaf_der));
+    info!(cert = %files.cert.display(), self_signed = loaded.self_signed, "TLS certificate loaded");
+    let resolver = Arc::new(CertResolver::new(
+        loaded,
+        SniPolicy::for_hostname(&cfg.hostname),
+    ));
+    Ok(Some(PreparedTls {
+        resolver,
+        files,
+        meta,
+        pin,
+    }))
+}
+
+/// The map entry `--print-derpmap` shows, without binding any port.
+pub fn configured_map(cfg: &Config) -> Result<DerpMap, ServerError> {
+    let private_key = match &cfg.key_file {
+        Some(p) => load_or_create_key(p)?,
+        None => NodePrivate::generate(),
+    };
+    let tls = prepare_tls(cfg, &private_key.public())?;
+    let stun = cfg
+        .stun_port
+        .map(|p| SocketAddr::new(cfg.listen_host.unwrap_or(IpAddr::from([0, 0, 0, 0])), p));
+    Ok(own_map(
+        cfg,
+        cfg.listen_port,
+        tls.as_ref().and_then(|t| t.pin.clone()),
+        tls.is_some(),
+        stun,
+    ))
+}
+
 /// Starts every listener and returns once they are bound.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHandle, ServerError> {
     let private_key = match &cfg.key_file {
@@ -156,29 +227,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     let public_key = private_key.public();
     let metrics = Arc::new(Metrics::default());
 
-    let mut resolver = None;
-    let mut pin = None;
-    if let TlsMode::Manual { certdir } = &cfg.tls {
-        let meta = certs::meta_cert(&public_key)?;
-        let files = match certs::locate(certdir, &cfg.hostname) {
-            Ok(f) => f,
-            Err(missing) => match cfg.hostname.parse::<IpAddr>() {
-                Ok(ip) => {
-                    let f = certs::create_self_signed(certdir, ip)?;
-                    info!(cert = %f.cert.display(), "no certificate for the IP hostname: generated a self-signed one");
-                    f
-                }
-                Err(_) => return Err(missing.into()),
-            },
-        };
-        let loaded = certs::load(&files, &cfg.hostname, &meta)?;
-        if loaded.self_signed {
-            pin = Some(certs::pin_of(&loaded.leaf_der));
-        }
-        info!(cert = %files.cert.display(), self_signed = loaded.self_signed, "TLS certificate loaded");
-        let r = Arc::new(CertResolver::new(loaded, SniPolicy::for_hostname(&cfg.hostname)));
-        resolver = Some((r, files, meta));
-    }
+    let tls = prepare_tls(&cfg, &public_key)?;
+    let pin = tls.as_ref().and_then(|t| t.pin.clone());
+    let resolver = tls.map(|t| (t.resolver, t.files, t.meta));
 
     let derp = Arc::new(DerpServer {
         private_key,
@@ -191,11 +242,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     });
 
     let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP")?;
-    let derp_addr = main_listener.local_addr().map_err(|source| ServerError::Bind {
-        what: "DERP",
-        addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
-        source,
-    })?;
+    let derp_addr = main_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "DERP",
+            addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
+            source,
+        })?;
     let tls_on = resolver.is_some();
 
     let http_state = Arc::new(HttpState {
@@ -226,7 +279,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
                 Some(s) => {
                     let s = Arc::new(s);
                     let addr = s.local_addr().ok();
-                    tasks.spawn(crate::stun_server::run(s, metrics.clone(), cfg.stun_rate_limit, shutdown.clone()));
+                    tasks.spawn(crate::stun_server::run(
+                        s,
+                        metrics.clone(),
+                        cfg.stun_rate_limit,
+                        shutdown.clone(),
+                    ));
                     addr
                 }
                 None => {
@@ -276,11 +334,21 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         cfg.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(http::refresh_bootstrap_dns(http_state.clone(), cfg.bootstrap_dns_names.clone()));
+    tasks.spawn(http::refresh_bootstrap_dns(
+        http_state.clone(),
+        cfg.bootstrap_dns_names.clone(),
+    ));
 
     let resolver = match resolver {
         Some((r, files, meta)) => {
-            tasks.spawn(reload_certs(r.clone(), files, meta, cfg.hostname.clone(), metrics.clone(), shutdown.clone()));
+            tasks.spawn(reload_certs(
+                r.clone(),
+                files,
+                meta,
+                cfg.hostname.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
             Some(r)
         }
         None => None,
@@ -306,11 +374,23 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
 }
 
 /// This node's map entry, from the flags and what was bound.
-pub fn own_map(cfg: &Config, port: u16, pin: Option<String>, tls: bool, stun: Option<SocketAddr>) -> DerpMap {
+pub fn own_map(
+    cfg: &Config,
+    port: u16,
+    pin: Option<String>,
+    tls: bool,
+    stun: Option<SocketAddr>,
+) -> DerpMap {
     let m = &cfg.map;
     let host_ip = cfg.hostname.parse::<IpAddr>().ok();
-    let ipv4 = m.ipv4.clone().or_else(|| host_ip.filter(IpAddr::is_ipv4).map(|i| i.to_string()));
-    let ipv6 = m.ipv6.clone().or_else(|| host_ip.filter(IpAddr::is_ipv6).map(|i| i.to_string()));
+    let ipv4 = m
+        .ipv4
+        .clone()
+        .or_else(|| host_ip.filter(IpAddr::is_ipv4).map(|i| i.to_string()));
+    let ipv6 = m
+        .ipv6
+        .clone()
+        .or_else(|| host_ip.filter(IpAddr::is_ipv6).map(|i| i.to_string()));
     let (cert_name, insecure) = match (m.insecure_for_tests, pin) {
         (true, _) => (String::new(), true),
         (false, Some(p)) => (p, false),
@@ -378,11 +458,13 @@ async fn accept_loop(
         tokio::spawn(async move {
             match acceptor {
                 None => http::serve_connection(st, router, sock, remote).await,
-                Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
-                    Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote).await,
-                    Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
-                    Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
-                },
+                Some(acc) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
+                        Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote).await,
+                        Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
+                        Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
+                    }
+                }
             }
         });
     }
@@ -396,14 +478,19 @@ async fn serve_plain_http(listener: TcpListener, router: Router, shutdown: Cance
 }
 
 fn metrics_router(reg: Arc<PromRegistry>, st: Arc<HttpState>) -> Router {
-    async fn metrics(axum::extract::State(reg): axum::extract::State<Arc<PromRegistry>>) -> axum::response::Response {
+    async fn metrics(
+        axum::extract::State(reg): axum::extract::State<Arc<PromRegistry>>,
+    ) -> axum::response::Response {
         use axum::response::IntoResponse;
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
             return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
         (
-            [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             out,
         )
             .into_response()
