@@ -57,9 +57,25 @@ func main() {
 			}
 			return fmt.Sprintf("%d-byte hand-built request answered (%d bytes)", len(pkt), len(got)), nil
 		})
-		for _, m := range malformed() {
-			r.Run(fam.name+"/ignored/"+m.name, func() (string, error) {
+		// The malformed requests go out at once, each from its own socket, so
+		// the silence waits overlap; verdicts are printed in order.
+		bad := malformed()
+		type answer struct {
+			got []byte
+			err error
+		}
+		answers := make([]chan answer, len(bad))
+		for i, m := range bad {
+			answers[i] = make(chan answer, 1)
+			go func() {
 				got, err := exchange(srv, local, m.pkt, *silence)
+				answers[i] <- answer{got, err}
+			}()
+		}
+		for i, m := range bad {
+			r.Run(fam.name+"/ignored/"+m.name, func() (string, error) {
+				a := <-answers[i]
+				got, err := a.got, a.err
 				if err != nil {
 					return "", err
 				}
