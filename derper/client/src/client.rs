@@ -92,6 +92,9 @@ struct Shared {
     write_timeout: Option<Duration>,
     /// Outstanding `ping()` calls by payload.
     pings: StdMutex<HashMap<[u8; 8], oneshot::Sender<()>>>,
+    /// Set by `close()` so a receiver blocked in `recv` ends at once instead of waiting for the
+    /// server to hang up (the read half of a split TLS stream cannot be closed on its own).
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 struct Writer {
@@ -300,6 +303,7 @@ impl ClientHandle {
             let _ = w.write_out_timed(self.shared.write_timeout).await;
         }
         w.broken = Some("closed by us".into());
+        self.shared.closed.send_replace(true);
         w.io.shutdown().await.map_err(ClientError::Io)
     }
 
@@ -333,12 +337,23 @@ impl ClientReceiver {
     }
 
     async fn recv_inner(&mut self) -> Result<ServerToClient, ClientError> {
+        let mut closed = self.shared.closed.subscribe();
         loop {
-            let (t, payload) = match self.read_timeout {
-                Some(d) => tokio::time::timeout(d, self.reader.read_frame(MAX_CLIENT_FRAME_BYTES))
-                    .await
-                    .map_err(|_| ClientError::ReadTimeout(d))??,
-                None => self.reader.read_frame(MAX_CLIENT_FRAME_BYTES).await?,
+            let read = async {
+                match self.read_timeout {
+                    Some(d) => {
+                        tokio::time::timeout(d, self.reader.read_frame(MAX_CLIENT_FRAME_BYTES))
+                            .await
+                            .map_err(|_| ClientError::ReadTimeout(d))?
+                    }
+                    None => self.reader.read_frame(MAX_CLIENT_FRAME_BYTES).await,
+                }
+            };
+            let (t, payload) = tokio::select! {
+                r = read => r?,
+                _ = closed.wait_for(|c| *c) => {
+                    return Err(ClientError::Closed("closed by us".into()));
+                }
             };
             let msg = ServerToClient::decode(t, payload)?;
             if let ServerToClient::Pong(data) = &msg
@@ -689,6 +704,7 @@ async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
         pending: AtomicUsize::new(0),
         write_timeout: cfg.write_timeout,
         pings: StdMutex::new(HashMap::new()),
+        closed: tokio::sync::watch::Sender::new(false),
     });
     Ok(Client {
         handle: ClientHandle {
