@@ -302,7 +302,7 @@ async fn relays_over_plain_http_with_classic_upgrade() {
         a.send_packet(&b.public_key(), &vec![0; 65537]).await,
         Err(ClientError::PacketTooLarge(65537))
     ));
-    let json = &s.seen.lock().unwrap()[0].client_info_json;
+    let json = s.seen.lock().unwrap()[0].client_info_json.clone();
     assert_eq!(json, r#"{"version":2,"CanAckPings":false}"#);
     // ping() needs a concurrent reader; its pong is consumed, not returned.
     let (h, mut rx) = a.split();
