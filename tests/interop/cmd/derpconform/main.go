@@ -73,6 +73,7 @@ var checks = []namedCheck{
 	{"tls/tls12-classic-upgrade", checkTLS12},
 	{"tls/tls11-refused", checkTLS11},
 	{"tls/sni", checkSNI},
+	{"tls/alpn-browser-offer", checkALPNBrowser},
 	{"http/derp-without-upgrade-426", checkNoUpgrade},
 	{"upgrade/classic-101-exact", checkClassic101},
 	{"upgrade/lowercase-derp", checkUpgradeLower},
@@ -121,6 +122,7 @@ var checks = []namedCheck{
 	{"http/robots.txt", checkRobots},
 	{"http/bootstrap-dns", checkBootstrapDNS},
 	{"http/home", checkHome},
+	{"http/port80-listener", checkPort80},
 }
 
 // background runs a slow check concurrently with the others.
