@@ -12,8 +12,8 @@ use std::time::Duration;
 use derp_proto::derpmap::SHA256_RAW_PREFIX;
 use derp_proto::key::NodePublic;
 use rcgen::{
-    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519, SanType, SerialNumber,
+    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519, SanType, SerialNumber,
 };
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -133,7 +133,10 @@ pub struct CertFiles {
 pub fn locate(certdir: &Path, hostname: &str) -> Result<CertFiles, CertError> {
     let name = sanitize_hostname(hostname);
     let candidates = [
-        (certdir.join(format!("{name}.crt")), certdir.join(format!("{name}.key"))),
+        (
+            certdir.join(format!("{name}.crt")),
+            certdir.join(format!("{name}.key")),
+        ),
         (certdir.join("tls.crt"), certdir.join("tls.key")),
     ];
     for (cert, key) in &candidates {
@@ -230,7 +233,11 @@ fn read(p: &Path) -> Result<Vec<u8>, CertError> {
 
 /// Loads and checks the pair: the leaf must be valid for `hostname` (Go refuses to start
 /// otherwise), and the meta certificate is appended last.
-pub fn load(files: &CertFiles, hostname: &str, meta: &CertificateDer<'static>) -> Result<LoadedCert, CertError> {
+pub fn load(
+    files: &CertFiles,
+    hostname: &str,
+    meta: &CertificateDer<'static>,
+) -> Result<LoadedCert, CertError> {
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
     let mut h = Sha256::new();
@@ -260,19 +267,22 @@ pub fn load(files: &CertFiles, hostname: &str, meta: &CertificateDer<'static>) -
         return Err(CertError::WrongName {
             path: files.cert.clone(),
             hostname: hostname.to_string(),
-            names: names.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+            names: names
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CertError::NoKey {
         path: files.key.clone(),
         detail: e.to_string(),
     })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
-        CertError::KeyType {
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| CertError::KeyType {
             path: files.key.clone(),
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     chain.push(meta.clone());
     Ok(LoadedCert {
         certified: Arc::new(CertifiedKey::new(chain, signer)),
@@ -447,7 +457,13 @@ mod tests {
         let der = meta();
         let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(c.raw_serial(), &[2]);
-        let cn = c.subject().iter_common_name().next().unwrap().as_str().unwrap();
+        let cn = c
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
         assert_eq!(cn, format!("derpkey{}", "07".repeat(32)));
         let exts = c.extensions();
         assert_eq!(exts.len(), 1, "exactly one extension");
@@ -470,7 +486,10 @@ mod tests {
         assert_eq!(pin_of(&loaded.leaf_der).len(), 11 + 64);
         // Wrong host name is refused with a clear error.
         let err = load(&files, "10.0.0.1", &meta()).unwrap_err();
-        assert!(err.to_string().contains("not valid for \"10.0.0.1\""), "{err}");
+        assert!(
+            err.to_string().contains("not valid for \"10.0.0.1\""),
+            "{err}"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -482,10 +501,18 @@ mod tests {
     #[test]
     fn locate_prefers_go_names_then_secret_layout() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(locate(dir.path(), "derp.example.com"), Err(CertError::Missing { .. })));
+        assert!(matches!(
+            locate(dir.path(), "derp.example.com"),
+            Err(CertError::Missing { .. })
+        ));
         std::fs::write(dir.path().join("tls.crt"), "x").unwrap();
         std::fs::write(dir.path().join("tls.key"), "x").unwrap();
-        assert!(locate(dir.path(), "derp.example.com").unwrap().cert.ends_with("tls.crt"));
+        assert!(
+            locate(dir.path(), "derp.example.com")
+                .unwrap()
+                .cert
+                .ends_with("tls.crt")
+        );
         std::fs::write(dir.path().join("derp.example.com.crt"), "x").unwrap();
         std::fs::write(dir.path().join("derp.example.com.key"), "x").unwrap();
         assert!(

@@ -38,7 +38,9 @@ pub fn go_duration(s: &str) -> Result<Duration, String> {
             .ok_or_else(|| format!("invalid duration {s:?}: missing unit (e.g. 10s, 5m)"))?;
         let (num, tail) = rest.split_at(num_end);
         let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_end);
         let mult = match unit {
             "ns" => 1e-9,
@@ -83,7 +85,12 @@ pub struct Cli {
     #[arg(long = "stun-port", env = "DERP_STUN_PORT", default_value_t = 3478)]
     pub stun_port: u16,
     /// Plain-HTTP port served next to TLS (captive-portal checks, redirect); -1 disables.
-    #[arg(long = "http-port", env = "DERP_HTTP_PORT", default_value_t = 80, allow_negative_numbers = true)]
+    #[arg(
+        long = "http-port",
+        env = "DERP_HTTP_PORT",
+        default_value_t = 80,
+        allow_negative_numbers = true
+    )]
     pub http_port: i64,
     /// Serve DERP (false answers /derp with 404).
     #[arg(long, env = "DERP_DERP", default_value = "true", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
@@ -92,7 +99,11 @@ pub struct Cli {
     #[arg(long, env = "DERP_HOME", default_value = "")]
     pub home: String,
     /// Comma list of names answered on /bootstrap-dns.
-    #[arg(long = "bootstrap-dns-names", env = "DERP_BOOTSTRAP_DNS_NAMES", default_value = "")]
+    #[arg(
+        long = "bootstrap-dns-names",
+        env = "DERP_BOOTSTRAP_DNS_NAMES",
+        default_value = ""
+    )]
     pub bootstrap_dns_names: String,
     /// Development mode: listen on :3340 with a random key.
     #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
@@ -113,10 +124,18 @@ pub struct Cli {
     #[arg(long = "metrics-addr", env = "DERPER_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// Packets queued per client (disco and other each) before the oldest is dropped.
-    #[arg(long = "send-queue-depth", env = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH", default_value_t = 32)]
+    #[arg(
+        long = "send-queue-depth",
+        env = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH",
+        default_value_t = 32
+    )]
     pub send_queue_depth: usize,
     /// Most STUN responses per second (0 = unlimited).
-    #[arg(long = "stun-rate-limit", env = "DERPER_STUN_RATE_LIMIT", default_value_t = 200_000.0)]
+    #[arg(
+        long = "stun-rate-limit",
+        env = "DERPER_STUN_RATE_LIMIT",
+        default_value_t = 200_000.0
+    )]
     pub stun_rate_limit: f64,
     /// Print this server's DERP map (json, or yaml for Headscale's derp.paths) and exit.
     #[arg(long = "print-derpmap", num_args = 0..=1, require_equals = true, default_missing_value = "json", value_parser = ["json", "yaml"])]
@@ -125,10 +144,18 @@ pub struct Cli {
     #[arg(long = "region-id", env = "DERPER_REGION_ID", default_value_t = 900)]
     pub region_id: u32,
     /// Region code for the printed map (shown by `tailscale netcheck`).
-    #[arg(long = "region-code", env = "DERPER_REGION_CODE", default_value = "derp")]
+    #[arg(
+        long = "region-code",
+        env = "DERPER_REGION_CODE",
+        default_value = "derp"
+    )]
     pub region_code: String,
     /// Region name for the printed map.
-    #[arg(long = "region-name", env = "DERPER_REGION_NAME", default_value = "Self-hosted DERP")]
+    #[arg(
+        long = "region-name",
+        env = "DERPER_REGION_NAME",
+        default_value = "Self-hosted DERP"
+    )]
     pub region_name: String,
     /// Node name for the printed map (default: <region-id>a).
     #[arg(long = "node-name", env = "DERPER_NODE_NAME")]
@@ -149,20 +176,42 @@ pub struct Cli {
     pub mesh_psk_file: Option<String>,
     #[arg(long = "mesh-with", hide = true)]
     pub mesh_with: Option<String>,
-    #[arg(long = "verify-clients", env = "DERP_VERIFY_CLIENTS", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
-    pub verify_clients: Option<bool>,
-    #[arg(long = "verify-client-url", env = "DERP_VERIFY_CLIENT_URL", hide = true)]
-    pub verify_client_url: Option<String>,
-    #[arg(long = "verify-client-url-fail-open", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
-    pub verify_client_url_fail_open: Option<bool>,
-    #[arg(long = "socket", hide = true)]
-    pub socket: Option<String>,
-    #[arg(long = "accept-connection-limit", hide = true)]
-    pub accept_connection_limit: Option<String>,
-    #[arg(long = "accept-connection-burst", hide = true)]
-    pub accept_connection_burst: Option<String>,
-    #[arg(long = "rate-config", hide = true)]
-    pub rate_config: Option<String>,
+    /// Admit only clients the local tailscaled knows (through its LocalAPI socket).
+    #[arg(long = "verify-clients", env = "DERP_VERIFY_CLIENTS", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub verify_clients: bool,
+    /// Admission URL: POSTed {"NodePublic","Source"}, answers {"Allow": bool} (Headscale: /verify).
+    #[arg(
+        long = "verify-client-url",
+        env = "DERP_VERIFY_CLIENT_URL",
+        default_value = ""
+    )]
+    pub verify_client_url: String,
+    /// Admit clients when the admission URL cannot be reached. Go's default is true; ours is
+    /// false (fail closed).
+    #[arg(long = "verify-client-url-fail-open", env = "DERP_VERIFY_CLIENT_URL_FAIL_OPEN", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub verify_client_url_fail_open: bool,
+    /// tailscaled's LocalAPI socket for -verify-clients (default /var/run/tailscale/tailscaled.sock).
+    #[arg(long = "socket", env = "DERP_TAILSCALED_SOCKET", default_value = "")]
+    pub socket: String,
+    /// New connections accepted per second at most (Go's name); over it they are closed.
+    #[arg(long = "accept-connection-limit", default_value_t = f64::INFINITY)]
+    pub accept_connection_limit: f64,
+    /// Burst for -accept-connection-limit.
+    #[arg(long = "accept-connection-burst", default_value_t = i64::MAX)]
+    pub accept_connection_burst: i64,
+    /// Per-client receive rate limit JSON file (Go's format), re-read on SIGHUP.
+    #[arg(long = "rate-config", env = "DERP_RATE_CONFIG")]
+    pub rate_config: Option<PathBuf>,
+    /// Open TCP connections at most (0 = unlimited); past it new connections are closed.
+    #[arg(
+        long = "max-connections",
+        env = "DERPER_MAX_CONNECTIONS",
+        default_value_t = 0
+    )]
+    pub max_connections: usize,
+    /// How long SIGTERM waits for clients to take their Restarting frame and leave.
+    #[arg(long = "shutdown-timeout", env = "DERPER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = go_duration)]
+    pub shutdown_timeout: Duration,
     #[arg(long = "secrets-url", hide = true)]
     pub secrets_url: Option<String>,
     #[arg(long = "secrets-path-prefix", hide = true)]
@@ -218,12 +267,17 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
             out.push(a);
             continue;
         }
-        let is_flag = a.starts_with('-') && a.len() > 1 && !a[1..].starts_with(|c: char| c.is_ascii_digit());
+        let is_flag =
+            a.starts_with('-') && a.len() > 1 && !a[1..].starts_with(|c: char| c.is_ascii_digit());
         if !is_flag {
             out.push(a);
             continue;
         }
-        let long = if a.starts_with("--") { a.clone() } else { format!("-{a}") };
+        let long = if a.starts_with("--") {
+            a.clone()
+        } else {
+            format!("-{a}")
+        };
         let name = long[2..].split('=').next().unwrap_or("");
         if !long.contains('=') && !BOOL_FLAGS.contains(&name) && name != "V" && name != "h" {
             expect_value = true;
@@ -256,26 +310,38 @@ fn refused(flag: &'static str, what: &str) -> CliError {
 
 /// Parses `-a`: `:443`, `ip:port`, `[v6]:port`, or (DERP_ADDR) a bare port.
 pub fn parse_listen(s: &str) -> Result<(Option<IpAddr>, u16), CliError> {
-    let inv = |m: String| CliError::Invalid { flag: "-a", message: m };
+    let inv = |m: String| CliError::Invalid {
+        flag: "-a",
+        message: m,
+    };
     let s = s.trim();
     if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
-        return s.parse().map(|p| (None, p)).map_err(|_| inv(format!("bad port {s:?}")));
+        return s
+            .parse()
+            .map(|p| (None, p))
+            .map_err(|_| inv(format!("bad port {s:?}")));
     }
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| inv(format!("{s:?} is not host:port (e.g. :443 or 127.0.0.1:8443)")))?;
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+        inv(format!(
+            "{s:?} is not host:port (e.g. :443 or 127.0.0.1:8443)"
+        ))
+    })?;
     let port: u16 = match port {
         "https" => 443,
         "http" => 80,
-        p => p.parse().map_err(|_| inv(format!("bad port {p:?} in {s:?}")))?,
+        p => p
+            .parse()
+            .map_err(|_| inv(format!("bad port {p:?} in {s:?}")))?,
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Ok((None, port));
     }
-    let ip = host
-        .parse::<IpAddr>()
-        .map_err(|_| inv(format!("listen host {host:?} must be an IP address (or empty for all)")))?;
+    let ip = host.parse::<IpAddr>().map_err(|_| {
+        inv(format!(
+            "listen host {host:?} must be an IP address (or empty for all)"
+        ))
+    })?;
     Ok((Some(ip), port))
 }
 
@@ -301,22 +367,41 @@ fn default_certdir() -> PathBuf {
 impl Cli {
     /// Checks the flags and builds the server configuration.
     pub fn into_config(self) -> Result<Config, CliError> {
-        let refusals: [(&'static str, bool, &str); 16] = [
+        let refusals: [(&'static str, bool, &str); 9] = [
             ("-mesh-psk-file", self.mesh_psk_file.is_some(), "meshing"),
             ("-mesh-with", self.mesh_with.is_some(), "meshing"),
-            ("-verify-clients", self.verify_clients == Some(true), "client verification through tailscaled"),
-            ("-verify-client-url", self.verify_client_url.as_deref().is_some_and(|u| !u.is_empty()), "client verification by URL"),
-            ("-verify-client-url-fail-open", self.verify_client_url_fail_open.is_some(), "client verification by URL"),
-            ("-socket", self.socket.is_some(), "client verification through tailscaled"),
-            ("-accept-connection-limit", self.accept_connection_limit.is_some(), "accept rate limiting"),
-            ("-accept-connection-burst", self.accept_connection_burst.is_some(), "accept rate limiting"),
-            ("-rate-config", self.rate_config.is_some(), "per-client rate limiting"),
-            ("-secrets-url", self.secrets_url.is_some() || self.secrets_path_prefix.is_some() || self.secrets_cache_dir.is_some(), "the setec secret store"),
-            ("-unpublished-bootstrap-dns-names", self.unpublished_bootstrap_dns_names.is_some(), "unpublished bootstrap DNS names"),
-            ("-acme-eab-kid", self.acme_eab_kid.is_some(), "ACME (letsencrypt/gcp certificates)"),
-            ("-acme-eab-key", self.acme_eab_key.is_some(), "ACME (letsencrypt/gcp certificates)"),
-            ("-acme-email", self.acme_email.is_some(), "ACME (letsencrypt/gcp certificates)"),
-            ("-acme-ip-certs", self.acme_ip_certs == Some(true), "ACME IP certificates"),
+            (
+                "-secrets-url",
+                self.secrets_url.is_some()
+                    || self.secrets_path_prefix.is_some()
+                    || self.secrets_cache_dir.is_some(),
+                "the setec secret store",
+            ),
+            (
+                "-unpublished-bootstrap-dns-names",
+                self.unpublished_bootstrap_dns_names.is_some(),
+                "unpublished bootstrap DNS names",
+            ),
+            (
+                "-acme-eab-kid",
+                self.acme_eab_kid.is_some(),
+                "ACME (letsencrypt/gcp certificates)",
+            ),
+            (
+                "-acme-eab-key",
+                self.acme_eab_key.is_some(),
+                "ACME (letsencrypt/gcp certificates)",
+            ),
+            (
+                "-acme-email",
+                self.acme_email.is_some(),
+                "ACME (letsencrypt/gcp certificates)",
+            ),
+            (
+                "-acme-ip-certs",
+                self.acme_ip_certs == Some(true),
+                "ACME IP certificates",
+            ),
             ("-ace", self.ace == Some(true), "the CONNECT proxy (-ace)"),
         ];
         if let Some((flag, _, what)) = refusals.iter().find(|(_, set, _)| *set) {
@@ -359,7 +444,9 @@ impl Cli {
                 None => {
                     return Err(CliError::Invalid {
                         flag: "-c",
-                        message: "-c <key file path> not specified (required when not running as root)".into(),
+                        message:
+                            "-c <key file path> not specified (required when not running as root)"
+                                .into(),
                     });
                 }
             }
@@ -367,7 +454,9 @@ impl Cli {
         let home = match self.home.as_str() {
             "" => HomePage::Default,
             "blank" => HomePage::Blank,
-            u if u.starts_with("http://") || u.starts_with("https://") => HomePage::Redirect(u.into()),
+            u if u.starts_with("http://") || u.starts_with("https://") => {
+                HomePage::Redirect(u.into())
+            }
             other => {
                 return Err(CliError::Invalid {
                     flag: "-home",
@@ -378,10 +467,12 @@ impl Cli {
         let http_port = if self.http_port < 0 {
             None
         } else {
-            Some(u16::try_from(self.http_port).map_err(|_| CliError::Invalid {
-                flag: "-http-port",
-                message: format!("{} is not a port", self.http_port),
-            })?)
+            Some(
+                u16::try_from(self.http_port).map_err(|_| CliError::Invalid {
+                    flag: "-http-port",
+                    message: format!("{} is not a port", self.http_port),
+                })?,
+            )
         };
         let metrics_addr = match self.metrics_addr.as_deref() {
             None | Some("") => None,
@@ -399,7 +490,35 @@ impl Cli {
                 message: "must be between 1 and 4096".into(),
             });
         }
+        if self.accept_connection_limit.is_nan() || self.accept_connection_limit <= 0.0 {
+            return Err(CliError::Invalid {
+                flag: "-accept-connection-limit",
+                message: "must be a positive number of connections per second".into(),
+            });
+        }
+        let verify = crate::verify::VerifyConfig {
+            url: Some(self.verify_client_url.clone()).filter(|u| !u.is_empty()),
+            url_fail_open: self.verify_client_url_fail_open,
+            tailscaled_socket: self.verify_clients.then(|| {
+                if self.socket.is_empty() {
+                    PathBuf::from(crate::verify::DEFAULT_TAILSCALED_SOCKET)
+                } else {
+                    PathBuf::from(&self.socket)
+                }
+            }),
+        };
         Ok(Config {
+            verify,
+            rate_config: self.rate_config.clone(),
+            accept_rate: self
+                .accept_connection_limit
+                .is_finite()
+                .then_some(self.accept_connection_limit),
+            accept_burst: u64::try_from(self.accept_connection_burst.max(1)).unwrap_or(1),
+            max_connections: self.max_connections,
+            shutdown_timeout: self.shutdown_timeout,
+            restart_reconnect_in: Duration::ZERO,
+            restart_try_for: Duration::from_secs(30),
             listen_host,
             listen_port,
             hostname: self.hostname.clone(),
@@ -429,7 +548,10 @@ impl Cli {
                 region_id: self.region_id,
                 region_code: self.region_code.clone(),
                 region_name: self.region_name.clone(),
-                node_name: self.node_name.clone().unwrap_or_else(|| format!("{}a", self.region_id)),
+                node_name: self
+                    .node_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}a", self.region_id)),
                 ipv4: self.ipv4.clone(),
                 ipv6: self.ipv6.clone(),
                 insecure_for_tests: self.insecure_for_tests,
@@ -443,13 +565,33 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        let v = normalize_args(std::iter::once("derper").chain(args.iter().copied()).map(String::from));
+        let v = normalize_args(
+            std::iter::once("derper")
+                .chain(args.iter().copied())
+                .map(String::from),
+        );
         Cli::try_parse_from(v)
     }
 
     #[test]
     fn go_style_flags() {
-        let c = parse(&["-a", "127.0.0.1:8443", "-hostname=127.0.0.1", "-certmode", "manual", "-certdir", "/tmp/x", "-c", "/tmp/k", "-stun-port", "3479", "-http-port", "-1", "-stun=false"]).unwrap();
+        let c = parse(&[
+            "-a",
+            "127.0.0.1:8443",
+            "-hostname=127.0.0.1",
+            "-certmode",
+            "manual",
+            "-certdir",
+            "/tmp/x",
+            "-c",
+            "/tmp/k",
+            "-stun-port",
+            "3479",
+            "-http-port",
+            "-1",
+            "-stun=false",
+        ])
+        .unwrap();
         assert_eq!(c.addr, "127.0.0.1:8443");
         assert_eq!(c.hostname, "127.0.0.1");
         assert_eq!(c.http_port, -1);
@@ -467,11 +609,24 @@ mod tests {
     fn unknown_and_refused_flags_name_the_flag() {
         let e = parse(&["-nosuchflag", "x"]).unwrap_err().to_string();
         assert!(e.contains("nosuchflag"), "{e}");
-        let e = parse(&["-c", "/k", "-mesh-with", "a,b"]).unwrap().into_config().unwrap_err();
-        assert!(e.to_string().starts_with("-mesh-with: meshing is not implemented"), "{e}");
-        let e = parse(&["-a", ":443", "-c", "/k"]).unwrap().into_config().unwrap_err();
+        let e = parse(&["-c", "/k", "-mesh-with", "a,b"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("-mesh-with: meshing is not implemented"),
+            "{e}"
+        );
+        let e = parse(&["-a", ":443", "-c", "/k"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
         assert!(e.to_string().starts_with("-certmode:"), "{e}");
-        let e = parse(&["-c", "/k", "-home", "ftp://x"]).unwrap().into_config().unwrap_err();
+        let e = parse(&["-a", ":8443", "-c", "/k", "-home", "ftp://x"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
         assert!(e.to_string().starts_with("-home:"), "{e}");
     }
 
@@ -479,8 +634,14 @@ mod tests {
     fn listen_forms() {
         assert_eq!(parse_listen(":443").unwrap(), (None, 443));
         assert_eq!(parse_listen("12345").unwrap(), (None, 12345));
-        assert_eq!(parse_listen("[::1]:8443").unwrap(), (Some("::1".parse().unwrap()), 8443));
-        assert_eq!(parse_listen("127.0.0.1:https").unwrap(), (Some("127.0.0.1".parse().unwrap()), 443));
+        assert_eq!(
+            parse_listen("[::1]:8443").unwrap(),
+            (Some("::1".parse().unwrap()), 8443)
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:https").unwrap(),
+            (Some("127.0.0.1".parse().unwrap()), 443)
+        );
         assert!(parse_listen("example.com:443").is_err());
         assert!(parse_listen("nonsense").is_err());
     }

@@ -53,6 +53,19 @@ pub struct Config {
     pub tcp_keepalive_time: Duration,
     pub tcp_user_timeout: Duration,
     pub map: MapConfig,
+    pub verify: crate::verify::VerifyConfig,
+    /// Go's `-rate-config` JSON file; re-read on SIGHUP.
+    pub rate_config: Option<PathBuf>,
+    /// New connections per second (Go's `-accept-connection-limit`); `None` is unlimited.
+    pub accept_rate: Option<f64>,
+    pub accept_burst: u64,
+    /// Open TCP connections at most (0 = unlimited); past it new ones are closed at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for clients to take their Restarting frame and go.
+    pub shutdown_timeout: Duration,
+    /// What the Restarting frame tells clients: reconnect after this, keep trying for that.
+    pub restart_reconnect_in: Duration,
+    pub restart_try_for: Duration,
 }
 
 impl Config {
@@ -83,6 +96,18 @@ impl Config {
                 ipv6: None,
                 insecure_for_tests: false,
             },
+            verify: crate::verify::VerifyConfig {
+                url: None,
+                url_fail_open: false,
+                tailscaled_socket: None,
+            },
+            rate_config: None,
+            accept_rate: None,
+            accept_burst: u64::MAX,
+            max_connections: 0,
+            shutdown_timeout: Duration::from_secs(5),
+            restart_reconnect_in: Duration::ZERO,
+            restart_try_for: Duration::from_secs(30),
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct DerpServer {
     pub metrics: Arc<Metrics>,
     pub config: DerpConfig,
     pub shutdown: CancellationToken,
+    pub verifier: Option<crate::verify::Verifier>,
+    pub receive_limit: crate::limits::ReceiveLimit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,8 @@ pub enum ConnError {
     NotMesh(u8),
     #[error("frame of {0} bytes is larger than any valid frame")]
     FrameTooLarge(usize),
+    #[error("client refused: {0}")]
+    Refused(String),
 }
 
 impl ConnError {
@@ -212,6 +216,19 @@ impl DerpServer {
             (Some(ours), Some(theirs)) => ours.ct_eq(theirs),
             _ => false,
         };
+        if !is_mesh && let Some(v) = &self.verifier {
+            // Still inside the ClientInfo step's deadline, as in Go.
+            if let crate::verify::Decision::Deny(label, reason) =
+                v.check(&client_key, Some(meta.remote.ip())).await
+            {
+                self.metrics
+                    .clients_refused
+                    .get_or_create(&ReasonLabel { reason: label })
+                    .inc();
+                tracing::info!(key = %client_key, "client refused: {reason}");
+                return Err(ConnError::Refused(reason));
+            }
+        }
         let mut flags = 0;
         if is_mesh {
             flags |= peer_flags::MESH;
@@ -323,6 +340,7 @@ impl DerpServer {
             not_here_tokens: NOT_HERE_BURST,
             not_here_at: Instant::now(),
             preferred: false,
+            limit: crate::limits::ReaderLimit::new(),
         };
         let mut writer = Writer {
             server: self,
@@ -331,6 +349,7 @@ impl DerpServer {
             received_from: HashSet::new(),
             new_sources: Vec::new(),
             batch: Outbox::default(),
+            finish: false,
         };
         let result = tokio::select! {
             r = reader.run(rd) => r,
@@ -361,6 +380,7 @@ struct Reader<'a> {
     not_here_tokens: f64,
     not_here_at: Instant,
     preferred: bool,
+    limit: crate::limits::ReaderLimit,
 }
 
 impl Reader<'_> {
@@ -384,6 +404,15 @@ impl Reader<'_> {
             else {
                 return Ok(());
             };
+            if !is_mesh {
+                // Mesh peers are exempt, as in Go: they carry a whole region's traffic.
+                let pause = self
+                    .limit
+                    .delay_for(&self.server.receive_limit, payload.len());
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
             if self.conn.is_dup.load(Ordering::Relaxed) {
                 self.server.registry.note_active(self.conn);
             }
@@ -517,6 +546,8 @@ struct Writer<'a> {
     new_sources: Vec<NodePublic>,
     /// Swapped with the shared outbox so queues keep their capacity across batches.
     batch: Outbox,
+    /// A Restarting frame went out: close cleanly once it is flushed.
+    finish: bool,
 }
 
 impl Writer<'_> {
@@ -542,6 +573,11 @@ impl Writer<'_> {
                 self.server.metrics.dropped(DropReason::WriteError, false);
                 return Err(e);
             }
+            if self.finish {
+                // TLS close_notify and FIN, so the client redials at once instead of timing out.
+                let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
+                return Ok(());
+            }
             self.wbuf.clear();
             if self.wbuf.capacity() > WRITE_BUF_KEEP {
                 self.wbuf = Vec::new();
@@ -566,9 +602,6 @@ impl Writer<'_> {
         }
         let b = &mut self.batch;
         let w = &mut self.wbuf;
-        if let Some((reconnect, try_for)) = b.restarting.take() {
-            frame::encode_restarting(w, reconnect, try_for);
-        }
         if let Some(p) = b.pong.take() {
             frame::encode_pong(w, &p);
         }
@@ -588,6 +621,12 @@ impl Writer<'_> {
         let m = &self.server.metrics;
         for q in [&mut b.disco, &mut b.other] {
             drain_packets(q, w, &mut self.received_from, &mut self.new_sources, m);
+        }
+        // Last, after what was still queued: the client learns we are going, then we close.
+        if let Some((reconnect, try_for)) = b.restarting.take() {
+            frame::encode_restarting(w, reconnect, try_for);
+            self.server.metrics.restarting_sent.inc();
+            self.finish = true;
         }
     }
 }

@@ -73,30 +73,109 @@ pub struct Metrics {
     pub http_requests: Family<ReasonLabel, Counter>,
     pub peer_gone_sent: Family<ReasonLabel, Counter>,
     pub cert_reloads: Family<ReasonLabel, Counter>,
+    pub clients_refused: Family<ReasonLabel, Counter>,
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    pub restarting_sent: Counter,
 }
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("derper");
-        r.register("accepts", "TCP connections accepted on the DERP listener", self.accepts.clone());
-        r.register("connections", "DERP connections currently open (after the handshake)", self.connections.clone());
-        r.register("clients", "Distinct client keys currently connected", self.clients.clone());
-        r.register("mesh_peers", "Connections that authenticated with the mesh key", self.mesh_peers.clone());
-        r.register("home_connections", "Connections whose client says this is its home DERP", self.home_connections.clone());
-        r.register("duplicate_client_keys", "Client keys with more than one connection", self.duplicate_client_keys.clone());
-        r.register("watchers", "Mesh connections watching for peer changes", self.watchers.clone());
-        r.register("packets_received", "Packets received from clients, by kind (disco or other)", self.packets_received.clone());
-        r.register("bytes_received", "Packet payload bytes received from clients", self.bytes_received.clone());
-        r.register("packets_sent", "Packets written to clients", self.packets_sent.clone());
-        r.register("bytes_sent", "Packet payload bytes written to clients", self.bytes_sent.clone());
-        r.register("packets_forwarded_out", "Packets forwarded to a mesh peer", self.packets_forwarded_out.clone());
-        r.register("packets_forwarded_in", "Packets received from a mesh peer for a local client", self.packets_forwarded_in.clone());
-        r.register("packets_dropped", "Packets dropped, by reason and kind", self.packets_dropped.clone());
-        r.register("handshake_failures", "Connections that failed before becoming a client, by reason", self.handshake_failures.clone());
-        r.register("stun_requests", "STUN datagrams, by result", self.stun_requests.clone());
-        r.register("http_requests", "Plain HTTP requests, by endpoint", self.http_requests.clone());
-        r.register("peer_gone_sent", "PeerGone frames queued, by reason", self.peer_gone_sent.clone());
-        r.register("cert_reloads", "Certificate reload attempts, by result", self.cert_reloads.clone());
+        r.register(
+            "accepts",
+            "TCP connections accepted on the DERP listener",
+            self.accepts.clone(),
+        );
+        r.register(
+            "connections",
+            "DERP connections currently open (after the handshake)",
+            self.connections.clone(),
+        );
+        r.register(
+            "clients",
+            "Distinct client keys currently connected",
+            self.clients.clone(),
+        );
+        r.register(
+            "mesh_peers",
+            "Connections that authenticated with the mesh key",
+            self.mesh_peers.clone(),
+        );
+        r.register(
+            "home_connections",
+            "Connections whose client says this is its home DERP",
+            self.home_connections.clone(),
+        );
+        r.register(
+            "duplicate_client_keys",
+            "Client keys with more than one connection",
+            self.duplicate_client_keys.clone(),
+        );
+        r.register(
+            "watchers",
+            "Mesh connections watching for peer changes",
+            self.watchers.clone(),
+        );
+        r.register(
+            "packets_received",
+            "Packets received from clients, by kind (disco or other)",
+            self.packets_received.clone(),
+        );
+        r.register(
+            "bytes_received",
+            "Packet payload bytes received from clients",
+            self.bytes_received.clone(),
+        );
+        r.register(
+            "packets_sent",
+            "Packets written to clients",
+            self.packets_sent.clone(),
+        );
+        r.register(
+            "bytes_sent",
+            "Packet payload bytes written to clients",
+            self.bytes_sent.clone(),
+        );
+        r.register(
+            "packets_forwarded_out",
+            "Packets forwarded to a mesh peer",
+            self.packets_forwarded_out.clone(),
+        );
+        r.register(
+            "packets_forwarded_in",
+            "Packets received from a mesh peer for a local client",
+            self.packets_forwarded_in.clone(),
+        );
+        r.register(
+            "packets_dropped",
+            "Packets dropped, by reason and kind",
+            self.packets_dropped.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Connections that failed before becoming a client, by reason",
+            self.handshake_failures.clone(),
+        );
+        r.register(
+            "stun_requests",
+            "STUN datagrams, by result",
+            self.stun_requests.clone(),
+        );
+        r.register(
+            "http_requests",
+            "Plain HTTP requests, by endpoint",
+            self.http_requests.clone(),
+        );
+        r.register(
+            "peer_gone_sent",
+            "PeerGone frames queued, by reason",
+            self.peer_gone_sent.clone(),
+        );
+        r.register(
+            "cert_reloads",
+            "Certificate reload attempts, by result",
+            self.cert_reloads.clone(),
+        );
     }
 
     pub fn dropped(&self, reason: DropReason, disco: bool) {

@@ -24,8 +24,10 @@ use crate::http::{self, HttpState};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::registry::Registry;
 
-/// TLS handshakes must finish within this (Go's HTTP read timeout).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// TLS handshakes must finish within this. Go allows 30 s (its HTTP read timeout); DERP
+/// clients finish in milliseconds, and every second allowed is a second a slowloris holds a
+/// slot before authentication.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -33,12 +35,25 @@ pub enum ServerError {
     KeyFile { path: String, detail: String },
     #[error(transparent)]
     Cert(#[from] certs::CertError),
+    #[error("{0}")]
+    Verify(String),
+    #[error(transparent)]
+    RateConfig(#[from] crate::limits::RateConfigError),
     #[error("cannot listen on {what} {addr}: {source}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy)]
+pub struct ShutdownReport {
+    pub clients_told: usize,
+    /// Connections still open at the timeout, closed without waiting.
+    pub clients_cut: usize,
+    pub elapsed: Duration,
 }
 
 /// A running server: its bound addresses, for logs and tests.
@@ -54,6 +69,10 @@ pub struct ServerHandle {
     pub resolver: Option<Arc<CertResolver>>,
     http: Arc<HttpState>,
     shutdown: CancellationToken,
+    conns_stop: CancellationToken,
+    shutdown_timeout: Duration,
+    restart_reconnect_in: Duration,
+    restart_try_for: Duration,
     tasks: JoinSet<()>,
 }
 
@@ -231,6 +250,18 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     let pin = tls.as_ref().and_then(|t| t.pin.clone());
     let resolver = tls.map(|t| (t.resolver, t.files, t.meta));
 
+    let verifier = if cfg.verify.enabled() {
+        Some(crate::verify::Verifier::new(cfg.verify.clone()).map_err(ServerError::Verify)?)
+    } else {
+        None
+    };
+    let receive_limit = crate::limits::ReceiveLimit::default();
+    if let Some(p) = &cfg.rate_config {
+        receive_limit.set(crate::limits::load_rate_config(p)?);
+    }
+    // Connections are cancelled by `conns_stop` (after their Restarting frame); the listeners by
+    // `shutdown`, so the two can be stopped in order.
+    let conns_stop = CancellationToken::new();
     let derp = Arc::new(DerpServer {
         private_key,
         public_key,
@@ -238,7 +269,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         registry: Registry::new(metrics.clone()),
         metrics: metrics.clone(),
         config: cfg.derp.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: conns_stop.clone(),
+        verifier,
+        receive_limit,
     });
 
     let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP")?;
@@ -338,6 +371,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         http_state.clone(),
         cfg.bootstrap_dns_names.clone(),
     ));
+    if let Some(p) = cfg.rate_config.clone() {
+        tasks.spawn(reload_rate_config_on_hup(derp.clone(), p, shutdown.clone()));
+    }
 
     let resolver = match resolver {
         Some((r, files, meta)) => {
@@ -369,6 +405,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         resolver,
         http: http_state,
         shutdown,
+        conns_stop,
+        shutdown_timeout: cfg.shutdown_timeout,
+        restart_reconnect_in: cfg.restart_reconnect_in,
+        restart_try_for: cfg.restart_try_for,
         tasks,
     })
 }
@@ -435,6 +475,18 @@ async fn accept_loop(
     cfg: Arc<Config>,
     shutdown: CancellationToken,
 ) {
+    let mut accept_bucket = cfg
+        .accept_rate
+        .map(|r| crate::limits::TokenBucket::new(r, cfg.accept_burst as f64));
+    let slots = (cfg.max_connections > 0)
+        .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)));
+    let refuse = |reason: &'static str| {
+        st.derp
+            .metrics
+            .connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    };
     loop {
         let (sock, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -449,6 +501,26 @@ async fn accept_loop(
             },
         };
         st.derp.metrics.accepts.inc();
+        // Over a limit the connection is closed at once and the server goes on (Go's limiter
+        // makes its http.Server exit instead).
+        if let Some(b) = accept_bucket.as_mut()
+            && !b.try_take(1.0)
+        {
+            refuse("accept_rate");
+            drop(sock);
+            continue;
+        }
+        let permit = match &slots {
+            None => None,
+            Some(s) => match s.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    refuse("max_connections");
+                    drop(sock);
+                    continue;
+                }
+            },
+        };
         tune_accepted(&sock, &cfg);
         // Peers on a dual-stack socket are reported as plain IPv4, as Go does.
         let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
@@ -456,6 +528,7 @@ async fn accept_loop(
         let router = router.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match acceptor {
                 None => http::serve_connection(st, router, sock, remote).await,
                 Some(acc) => {
@@ -564,17 +637,72 @@ pub fn reload_once(
 }
 
 impl ServerHandle {
-    /// Stops accepting and closes every connection.
-    pub async fn shutdown(mut self) {
+    /// Graceful stop: `/readyz` turns false, listeners close, every client gets a Restarting
+    /// frame and then a clean close (today's clients ignore the frame but redial at once on
+    /// the close, to the region's next node), and whatever is left after the timeout is cut.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let started = tokio::time::Instant::now();
         self.http.ready.store(false, Ordering::Relaxed);
         self.shutdown.cancel();
-        for c in self.derp.registry.all_conns() {
-            c.cancel.cancel();
+        let conns = self.derp.registry.all_conns();
+        let reconnect = u32::try_from(self.restart_reconnect_in.as_millis()).unwrap_or(u32::MAX);
+        let try_for = u32::try_from(self.restart_try_for.as_millis()).unwrap_or(u32::MAX);
+        for c in &conns {
+            c.set_restarting(reconnect, try_for);
         }
+        let deadline = started + self.shutdown_timeout;
+        while self.derp.registry.client_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cut = self.derp.registry.all_conns().len();
+        self.conns_stop.cancel();
         while self.tasks.join_next().await.is_some() {}
+        let report = ShutdownReport {
+            clients_told: conns.len(),
+            clients_cut: cut,
+            elapsed: started.elapsed(),
+        };
+        info!(told = report.clients_told, cut = report.clients_cut, elapsed = ?report.elapsed, "shut down");
+        report
     }
 
     pub fn set_ready(&self, ready: bool) {
         self.http.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+async fn reload_rate_config_on_hup(
+    derp: Arc<DerpServer>,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = hup.recv() => {}
+            }
+            match crate::limits::load_rate_config(&path) {
+                Ok(rc) => {
+                    info!(
+                        bytes_per_sec = rc.bytes_per_sec,
+                        burst = rc.burst_bytes,
+                        "SIGHUP: rate limits reloaded"
+                    );
+                    derp.receive_limit.set(rc);
+                }
+                Err(e) => warn!("SIGHUP: keeping the current rate limits: {e}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (derp, path);
+        shutdown.cancelled().await;
     }
 }

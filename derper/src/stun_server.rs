@@ -30,7 +30,8 @@ impl Limiter {
         }
         let now = Instant::now();
         let burst = self.per_sec.max(1.0);
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec).min(burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec).min(burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -46,7 +47,12 @@ fn count(m: &Metrics, reason: &'static str) {
 }
 
 /// Serves until `shutdown`. `rate_limit` is responses per second (0 = unlimited).
-pub async fn run(sock: Arc<UdpSocket>, metrics: Arc<Metrics>, rate_limit: f64, shutdown: CancellationToken) {
+pub async fn run(
+    sock: Arc<UdpSocket>,
+    metrics: Arc<Metrics>,
+    rate_limit: f64,
+    shutdown: CancellationToken,
+) {
     let mut buf = vec![0u8; RECV_BUF_BYTES];
     let mut out = [0u8; stun::MAX_RESPONSE_LEN];
     let mut limiter = Limiter {
@@ -87,7 +93,11 @@ pub async fn run(sock: Arc<UdpSocket>, metrics: Arc<Metrics>, rate_limit: f64, s
         match sock.send_to(&out[..len], from).await {
             Ok(_) => count(
                 &metrics,
-                if from.is_ipv4() || from.ip().to_canonical().is_ipv4() { "ok_ipv4" } else { "ok_ipv6" },
+                if from.is_ipv4() || from.ip().to_canonical().is_ipv4() {
+                    "ok_ipv4"
+                } else {
+                    "ok_ipv6"
+                },
             ),
             Err(_) => count(&metrics, "send_error"),
         }
