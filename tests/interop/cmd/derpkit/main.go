@@ -74,7 +74,10 @@ func freePorts(args []string) error {
 			h.Close()
 		}
 	}()
-	for found := 0; found < n; {
+	for found, tries := 0, 0; found < n; tries++ {
+		if tries > 500 {
+			return fmt.Errorf("found only %d of %d free TCP+UDP port pairs in 500 tries", found, n)
+		}
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			return err
