@@ -24,15 +24,15 @@ use time::OffsetDateTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: no PEM certificate found ({detail})")]
     NoCert { path: PathBuf, detail: String },
@@ -168,7 +168,7 @@ pub fn create_self_signed(certdir: &Path, ip: IpAddr) -> Result<CertFiles, CertE
     let (cert_pem, key_pem) = self_signed_for_ip(ip)?;
     let werr = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| CertError::Write { path, source }
+        move |error| CertError::Write { path, error }
     };
     std::fs::create_dir_all(certdir).map_err(werr(certdir))?;
     set_mode(certdir, 0o700).map_err(werr(certdir))?;
@@ -225,9 +225,9 @@ impl fmt::Debug for LoadedCert {
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(p).map_err(|source| CertError::Read {
+    std::fs::read(p).map_err(|error| CertError::Read {
         path: p.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -84,10 +84,10 @@ pub struct RateConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{path}: {detail} (expected {{\"PerClientRateLimitBytesPerSec\": N, \"PerClientRateBurstBytes\": M}})"
@@ -122,9 +122,9 @@ pub fn parse_rate_config(text: &[u8], path: &Path) -> Result<RateConfig, RateCon
 }
 
 pub fn load_rate_config(path: &Path) -> Result<RateConfig, RateConfigError> {
-    let text = std::fs::read(path).map_err(|source| RateConfigError::Read {
+    let text = std::fs::read(path).map_err(|error| RateConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     parse_rate_config(&text, path)
 }

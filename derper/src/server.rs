@@ -39,11 +39,11 @@ pub enum ServerError {
     Verify(String),
     #[error(transparent)]
     RateConfig(#[from] crate::limits::RateConfigError),
-    #[error("cannot listen on {what} {addr}: {source}")]
+    #[error("cannot listen on {what} {addr}: {error}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -100,7 +100,7 @@ pub fn load_or_create_key(path: &Path) -> Result<NodePrivate, ServerError> {
 }
 
 fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServerError> {
-    let e = |source| ServerError::Bind { what, addr, source };
+    let e = |error| ServerError::Bind { what, addr, error };
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
         .map_err(e)?;
@@ -116,10 +116,10 @@ fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServerE
 }
 
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
-    let e = |source| ServerError::Bind {
+    let e = |error| ServerError::Bind {
         what: "STUN",
         addr,
-        source,
+        error,
     };
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
@@ -159,7 +159,7 @@ fn bind_tcp_any(
     Err(last.unwrap_or(ServerError::Bind {
         what,
         addr: SocketAddr::from(([0, 0, 0, 0], port)),
-        source: std::io::ErrorKind::AddrNotAvailable.into(),
+        error: std::io::ErrorKind::AddrNotAvailable.into(),
     }))
 }
 
@@ -277,10 +277,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP")?;
     let derp_addr = main_listener
         .local_addr()
-        .map_err(|source| ServerError::Bind {
+        .map_err(|error| ServerError::Bind {
             what: "DERP",
             addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
-            source,
+            error,
         })?;
     let tls_on = resolver.is_some();
 
