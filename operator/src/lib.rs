@@ -3,6 +3,8 @@
 //! cluster; nothing in here talks to an API server.
 
 pub mod crd;
+pub mod mapbuild;
+pub mod preview;
 pub mod render;
 pub mod select;
 pub mod tls;
