@@ -381,10 +381,9 @@ pub fn find_conflicts(regions: &[DerpRegion]) -> BTreeMap<RegionKey, String> {
 mod tests {
     use super::*;
     use crate::crd::IpFamily;
-    use crate::render::common_labels;
     use crate::testutil::{node, region};
-    use k8s_openapi::api::core::v1::{PodCondition, PodSpec, PodStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::api::core::v1::PodCondition;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use rand::SeedableRng;
 
     const NOW_S: i64 = 1_790_000_000;
@@ -394,27 +393,25 @@ mod tests {
     }
 
     fn pod(region: &str, node: &str, ready: bool, since: i64) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(format!("{region}-derper-{node}")),
-                namespace: Some("derp".into()),
-                labels: Some(common_labels(region)),
+        crate::preview::derper_pod(
+            "derp",
+            region,
+            node,
+            PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                last_transition_time: Some(Time(ts(since))),
                 ..Default::default()
             },
-            spec: Some(PodSpec {
-                node_name: Some(node.into()),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: if ready { "True" } else { "False" }.into(),
-                    last_transition_time: Some(Time(ts(since))),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        }
+        )
+    }
+
+    fn insecure(name: &str, id: i64) -> DerpRegion {
+        let mut r = region(name, id);
+        r.spec.tls.self_signed = Some(crate::crd::SelfSignedSpec {
+            mode: SelfSignedMode::InsecureForTests,
+        });
+        r
     }
 
     fn nodes3() -> Vec<Node> {
@@ -508,10 +505,7 @@ mod tests {
     #[test]
     fn equal_input_gives_identical_json_whatever_the_order() {
         let r1 = region("home", 900);
-        let mut r2 = region("away", 901);
-        r2.spec.tls.self_signed = Some(crate::crd::SelfSignedSpec {
-            mode: SelfSignedMode::InsecureForTests,
-        });
+        let r2 = insecure("away", 901);
         let nodes = nodes3();
         let secret = tls_secret(&r1, &nodes);
         let mut pods = vec![
@@ -547,10 +541,7 @@ mod tests {
 
     #[test]
     fn not_ready_leaves_after_the_grace_but_not_before() {
-        let mut r = region("home", 900);
-        r.spec.tls.self_signed = Some(crate::crd::SelfSignedSpec {
-            mode: SelfSignedMode::InsecureForTests,
-        });
+        let r = insecure("home", 900);
         let nodes = nodes3();
         let regions = [r];
         let all_ready = build(
@@ -611,10 +602,7 @@ mod tests {
 
     #[test]
     fn deleted_node_and_terminating_pod_leave_at_once() {
-        let mut r = region("home", 900);
-        r.spec.tls.self_signed = Some(crate::crd::SelfSignedSpec {
-            mode: SelfSignedMode::InsecureForTests,
-        });
+        let r = insecure("home", 900);
         let nodes = nodes3();
         let mut terminating = pod("home", "b", true, 0);
         terminating.metadata.deletion_timestamp = Some(Time(ts(NOW_S)));

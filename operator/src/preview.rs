@@ -131,10 +131,25 @@ pub fn preview(
 }
 
 fn ready_pod(region: &DerpRegion, node: &str) -> Pod {
+    derper_pod(
+        &region.namespace().unwrap_or_default(),
+        &region.name_any(),
+        node,
+        PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// A derper pod of region `namespace/region` on `node` with the given Ready condition.
+pub(crate) fn derper_pod(namespace: &str, region: &str, node: &str, ready: PodCondition) -> Pod {
     Pod {
         metadata: ObjectMeta {
-            namespace: region.namespace(),
-            labels: Some(common_labels(&region.name_any())),
+            name: Some(format!("{region}-derper-{node}")),
+            namespace: Some(namespace.into()),
+            labels: Some(common_labels(region)),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -142,11 +157,7 @@ fn ready_pod(region: &DerpRegion, node: &str) -> Pod {
             ..Default::default()
         }),
         status: Some(PodStatus {
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..Default::default()
-            }]),
+            conditions: Some(vec![ready]),
             ..Default::default()
         }),
     }
