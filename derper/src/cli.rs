@@ -172,10 +172,20 @@ pub struct Cli {
     pub insecure_for_tests: bool,
 
     // ---- Go flags recognised but not implemented yet: refused with a message ----
-    #[arg(long = "mesh-psk-file", hide = true)]
-    pub mesh_psk_file: Option<String>,
-    #[arg(long = "mesh-with", hide = true)]
-    pub mesh_with: Option<String>,
+    /// File holding the region's mesh key (64 hex digits). Default: /home/derp/keys/derp-mesh.key
+    /// or $HOME/keys/derp-mesh.key if one exists, as Go.
+    #[arg(long = "mesh-psk-file", env = "DERP_MESH_PSK_FILE")]
+    pub mesh_psk_file: Option<PathBuf>,
+    /// Comma list of the region's other servers: host[:port] or host/dialhost.
+    #[arg(long = "mesh-with", env = "DERP_MESH_WITH", default_value = "")]
+    pub mesh_with: String,
+    /// A file of mesh peers (one per line, # comments), re-read when it changes: peers are
+    /// added and dropped without a restart.
+    #[arg(long = "mesh-with-file", env = "DERP_MESH_WITH_FILE")]
+    pub mesh_with_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for mesh peers' TLS, in addition to the system roots.
+    #[arg(long = "mesh-ca-file", env = "DERP_MESH_CA_FILE")]
+    pub mesh_ca_file: Option<PathBuf>,
     /// Admit only clients the local tailscaled knows (through its LocalAPI socket).
     #[arg(long = "verify-clients", env = "DERP_VERIFY_CLIENTS", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
     pub verify_clients: bool,
@@ -365,11 +375,68 @@ fn default_certdir() -> PathBuf {
 }
 
 impl Cli {
+    /// The mesh key and peers. Go's rules: a named key file that cannot be read is fatal, an
+    /// empty one means no key, and peers without a key are an error.
+    fn mesh_config(&self) -> Result<Option<crate::mesh::MeshConfig>, CliError> {
+        let inv = |flag, message: String| CliError::Invalid { flag, message };
+        let key = if self.dev {
+            match std::env::var("TAILSCALE_DERPER_MESH_KEY") {
+                Ok(v) if !v.trim().is_empty() => Some(
+                    derp_proto::MeshKey::parse_hex(v.trim())
+                        .map_err(|e| inv("TAILSCALE_DERPER_MESH_KEY", e.to_string()))?,
+                ),
+                _ => None,
+            }
+        } else {
+            let path = self.mesh_psk_file.clone().or_else(|| {
+                let mut candidates = vec![PathBuf::from("/home/derp/keys/derp-mesh.key")];
+                if let Some(h) = std::env::var_os("HOME") {
+                    candidates.push(PathBuf::from(h).join("keys/derp-mesh.key"));
+                }
+                candidates.into_iter().find(|p| p.exists())
+            });
+            match path {
+                None => None,
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .map_err(|e| inv("-mesh-psk-file", format!("{}: {e}", p.display())))?;
+                    derp_proto::MeshKey::parse_file_contents(&text).map_err(|e| {
+                        inv(
+                            "-mesh-psk-file",
+                            format!("{}: {e} (expected 64 hex digits)", p.display()),
+                        )
+                    })?
+                }
+            }
+        };
+        let peers = self
+            .mesh_with
+            .split(',')
+            .filter(|e| !e.trim().is_empty())
+            .map(crate::mesh::parse_peer)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| inv("-mesh-with", e.to_string()))?;
+        let Some(key) = key else {
+            if !peers.is_empty() || self.mesh_with_file.is_some() {
+                return Err(inv(
+                    "-mesh-with",
+                    "meshing needs the region's mesh key: give -mesh-psk-file".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        Ok(Some(crate::mesh::MeshConfig {
+            key,
+            peers,
+            peers_file: self.mesh_with_file.clone(),
+            ca_file: self.mesh_ca_file.clone(),
+        }))
+    }
+
     /// Checks the flags and builds the server configuration.
     pub fn into_config(self) -> Result<Config, CliError> {
-        let refusals: [(&'static str, bool, &str); 9] = [
-            ("-mesh-psk-file", self.mesh_psk_file.is_some(), "meshing"),
-            ("-mesh-with", self.mesh_with.is_some(), "meshing"),
+        let mesh = self.mesh_config()?;
+        let refusals: [(&'static str, bool, &str); 7] = [
             (
                 "-secrets-url",
                 self.secrets_url.is_some()
@@ -508,6 +575,7 @@ impl Cli {
             }),
         };
         Ok(Config {
+            mesh,
             verify,
             rate_config: self.rate_config.clone(),
             accept_rate: self
@@ -609,13 +677,13 @@ mod tests {
     fn unknown_and_refused_flags_name_the_flag() {
         let e = parse(&["-nosuchflag", "x"]).unwrap_err().to_string();
         assert!(e.contains("nosuchflag"), "{e}");
-        let e = parse(&["-c", "/k", "-mesh-with", "a,b"])
+        let e = parse(&["-c", "/k", "-secrets-url", "https://x"])
             .unwrap()
             .into_config()
             .unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("-mesh-with: meshing is not implemented"),
+                .starts_with("-secrets-url: the setec secret store is not implemented"),
             "{e}"
         );
         let e = parse(&["-a", ":443", "-c", "/k"])

@@ -66,6 +66,8 @@ pub struct Config {
     /// What the Restarting frame tells clients: reconnect after this, keep trying for that.
     pub restart_reconnect_in: Duration,
     pub restart_try_for: Duration,
+    /// Meshing with the region's other servers; `None` without a mesh key.
+    pub mesh: Option<crate::mesh::MeshConfig>,
 }
 
 impl Config {
@@ -108,6 +110,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(5),
             restart_reconnect_in: Duration::ZERO,
             restart_try_for: Duration::from_secs(30),
+            mesh: None,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod derp;
 pub mod http;
 pub mod io;
 pub mod limits;
+pub mod mesh;
 pub mod metrics;
 pub mod registry;
 pub mod server;

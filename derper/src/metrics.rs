@@ -32,6 +32,7 @@ pub enum DropReason {
     QueueTail,
     WriteError,
     DupClient,
+    MeshQueueFull,
 }
 
 impl DropReason {
@@ -44,6 +45,7 @@ impl DropReason {
             DropReason::QueueTail => "queue_tail",
             DropReason::WriteError => "write_error",
             DropReason::DupClient => "dup_client",
+            DropReason::MeshQueueFull => "mesh_queue_full",
         }
     }
 }
@@ -76,6 +78,7 @@ pub struct Metrics {
     pub clients_refused: Family<ReasonLabel, Counter>,
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub restarting_sent: Counter,
+    pub mesh_links: Gauge,
 }
 
 impl Metrics {

@@ -265,7 +265,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     let derp = Arc::new(DerpServer {
         private_key,
         public_key,
-        mesh_key: None,
+        mesh_key: cfg.mesh.as_ref().map(|m| m.key),
         registry: Registry::new(metrics.clone()),
         metrics: metrics.clone(),
         config: cfg.derp.clone(),
@@ -389,6 +389,25 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         }
         None => None,
     };
+
+    if let Some(mesh_cfg) = cfg.mesh.clone() {
+        let pin_source = resolver.clone();
+        let own_pin: Option<Box<dyn Fn() -> Option<String> + Send + Sync>> = pin_source.map(|r| {
+            Box::new(move || {
+                let c = r.current();
+                c.self_signed.then(|| certs::pin_of(&c.leaf_der))
+            }) as Box<dyn Fn() -> Option<String> + Send + Sync>
+        });
+        let mesh = crate::mesh::Mesh::new(
+            derp.clone(),
+            mesh_cfg,
+            cfg.hostname.clone(),
+            derp_addr.port(),
+            own_pin,
+            conns_stop.clone(),
+        );
+        tasks.spawn(mesh.run());
+    }
 
     let derp_map = own_map(&cfg, derp_addr.port(), pin, tls_on, stun_addr);
     http_state.ready.store(true, Ordering::Relaxed);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use derp_client::{Client, ClientConfig, ClientError, ServerToClient, TlsTrust, Transport};
 use derp_proto::NodePrivate;
+use tokio::sync::Notify;
 
 struct Args {
     url: String,
@@ -84,6 +85,10 @@ async fn run(a: Args) -> Result<(), ClientError> {
     );
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
+    // Wakes the sender when the receiver makes room in the window (no busy loop: the server
+    // under test shares the CPU).
+    let progress = Arc::new(Notify::new());
+    let wake = progress.clone();
     let total = a.packets;
     let receiver = tokio::spawn(async move {
         let mut first = None;
@@ -92,6 +97,7 @@ async fn run(a: Args) -> Result<(), ClientError> {
                 ServerToClient::RecvPacket { .. } => {
                     first.get_or_insert_with(Instant::now);
                     counter.fetch_add(1, Ordering::Relaxed);
+                    wake.notify_one();
                 }
                 _ => continue,
             }
@@ -106,7 +112,8 @@ async fn run(a: Args) -> Result<(), ClientError> {
         // Keep at most `window` packets between us and the receiver.
         let room = (received.load(Ordering::Relaxed) + a.window).saturating_sub(sent);
         if room == 0 {
-            tokio::task::yield_now().await;
+            // notify_one stores a permit, so a wake between the check and here is not lost.
+            progress.notified().await;
             continue;
         }
         let batch = room.min(total - sent);
