@@ -1,9 +1,10 @@
 //! derp-fleet operator library: the `DerpRegion` CRD types, the pure renderers of the objects a
-//! region owns, and the pure DERP-map builder. `main.rs` wires them to the CLI and (later) to the
-//! cluster; nothing in here talks to an API server.
+//! region owns, the pure DERP-map builder and the map HTTP server. `main.rs` wires them to the CLI
+//! and (next) to the cluster; nothing in here talks to an API server yet.
 
 pub mod crd;
 pub mod mapbuild;
+pub mod mapserver;
 pub mod preview;
 pub mod render;
 pub mod select;
