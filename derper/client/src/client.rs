@@ -37,6 +37,8 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Write out the batch once it is this large even if more writers wait, to bound latency and
 /// memory (two maximum-size packet frames).
 const FLUSH_THRESHOLD_BYTES: usize = 128 << 10;
+/// Per-address TCP dial timeout when other addresses remain; Go's per-node dial timeout.
+const PER_ADDR_DIAL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Initial write buffer: a few WireGuard-sized frames.
 const WRITE_BUF_BYTES: usize = 16 << 10;
 
@@ -488,8 +490,19 @@ async fn dial(target: &Target, cfg: &ClientConfig) -> Result<TcpStream, ClientEr
         });
     }
     let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
+    let count = addrs.len();
+    for (i, addr) in addrs.into_iter().enumerate() {
+        // With more addresses to try, a black-holed one must not eat the whole connect budget.
+        let attempt = async {
+            if i + 1 < count {
+                tokio::time::timeout(PER_ADDR_DIAL_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            } else {
+                TcpStream::connect(addr).await
+            }
+        };
+        match attempt.await {
             Ok(s) => {
                 // DERP frames are small and latency-bound; Nagle would hold pongs and disco.
                 s.set_nodelay(true)?;
@@ -736,5 +749,98 @@ async fn read_101<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> Result<(
             return Ok(());
         }
         reader.fill(4096).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Drives the receive path (upgrade response, then frames) over arbitrary server bytes.
+    async fn consume(input: Vec<u8>, classic: bool) -> Result<(), ClientError> {
+        let mut r = FrameReader {
+            io: &input[..],
+            buf: BytesMut::new(),
+        };
+        if classic {
+            read_101(&mut r).await?;
+        }
+        loop {
+            let (t, payload) = r.read_frame(MAX_CLIENT_FRAME_BYTES).await?;
+            let _ = ServerToClient::decode(t, payload)?;
+        }
+    }
+
+    fn run(input: Vec<u8>, classic: bool) -> Result<(), ClientError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(consume(input, classic))
+    }
+
+    #[test]
+    fn frames_split_and_cap() {
+        let mut input = Vec::new();
+        frame::encode_keep_alive(&mut input);
+        frame::encode_recv_packet(&mut input, &NodePublic([7; 32]), &[1, 2, 3]);
+        // Then a header announcing 1 MiB + 1: refused before reading the payload.
+        input.extend_from_slice(&[0x05, 0x00, 0x10, 0x00, 0x01]);
+        let mut r = FrameReader {
+            io: &input[..],
+            buf: BytesMut::new(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(r.read_frame(MAX_CLIENT_FRAME_BYTES).await.unwrap().0, 0x06);
+            let (t, p) = r.read_frame(MAX_CLIENT_FRAME_BYTES).await.unwrap();
+            assert_eq!((t, p.len()), (0x05, 35));
+            assert!(matches!(
+                r.read_frame(MAX_CLIENT_FRAME_BYTES).await,
+                Err(ClientError::FrameTooLarge { len: 1048577, .. })
+            ));
+        });
+        // A frame of exactly 1 MiB is accepted.
+        let mut input = vec![0x14, 0x00, 0x10, 0x00, 0x00];
+        input.resize(5 + (1 << 20), b'x');
+        assert_eq!(
+            run(input, false).unwrap_err().to_string(),
+            ClientError::Eof.to_string()
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Whatever a server sends, the client returns an error or frames, never panics.
+        #[test]
+        fn arbitrary_server_bytes_never_panic(
+            input in proptest::collection::vec(any::<u8>(), 0..2048),
+            classic in any::<bool>(),
+        ) {
+            let _ = run(input, classic);
+        }
+
+        /// Valid frames with mutated bytes: still no panic.
+        #[test]
+        fn mutated_frames_never_panic(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+        ) {
+            let mut input = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n".to_vec();
+            frame::encode_server_key(&mut input, &NodePublic([1; 32]));
+            frame::encode_peer_gone(&mut input, &NodePublic([2; 32]), frame::PeerGoneReason::NotHere);
+            frame::encode_peer_present(&mut input, &NodePublic([3; 32]), None, 1);
+            frame::encode_restarting(&mut input, 1, 2);
+            frame::encode_pong(&mut input, &[9; 8]);
+            for (at, v) in flips {
+                let n = input.len();
+                input[at % n] ^= v;
+            }
+            input.truncate(cut % (input.len() + 1));
+            let _ = run(input, true);
+        }
     }
 }

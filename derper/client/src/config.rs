@@ -48,8 +48,8 @@ impl AddrFamily {
 }
 
 /// Everything needed to connect one client. Fields are public; [`ClientConfig::new`] and
-/// [`ClientConfig::for_node`] fill in Go's defaults.
-#[derive(Clone)]
+/// [`ClientConfig::for_node`] fill in Go's defaults. Debug output shows no secrets.
+#[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// `https://host[:port]/derp` or `http://host[:port]/derp`.
     pub url: String,

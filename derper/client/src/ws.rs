@@ -13,6 +13,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::ClientError;
 
@@ -53,6 +55,7 @@ where
         ws,
         rbuf: Bytes::new(),
         eof: false,
+        close_sent: false,
     })
 }
 
@@ -62,6 +65,8 @@ pub(crate) struct WsIo<S> {
     /// Unread rest of the last binary message.
     rbuf: Bytes,
     eof: bool,
+    /// Our close frame (1000, normal) is queued; then only flushing remains.
+    close_sent: bool,
 }
 
 fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
@@ -120,6 +125,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A status code, so the server logs a normal close rather than "no status received".
+        if !self.close_sent {
+            ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_err)?;
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            Pin::new(&mut self.ws)
+                .start_send(Message::Close(Some(frame)))
+                .map_err(ws_err)?;
+            self.close_sent = true;
+        }
         Pin::new(&mut self.ws).poll_close(cx).map_err(ws_err)
     }
 }
