@@ -43,7 +43,6 @@ pub struct HttpState {
     pub ready: AtomicBool,
     /// Resolved `-bootstrap-dns-names`; `None` when none are configured (empty body, as Go).
     pub bootstrap_dns: RwLock<Option<BTreeMap<String, Vec<IpAddr>>>>,
-    pub tls_port: Option<u16>,
 }
 
 /// Headers Go adds to pages a browser may render.
@@ -193,32 +192,17 @@ pub fn router(st: Arc<HttpState>) -> Router {
 
 /// The port-80 listener next to TLS: captive checks, health, and a redirect to HTTPS.
 pub fn port80_router(st: Arc<HttpState>) -> Router {
-    async fn redirect(
-        State(st): State<Arc<HttpState>>,
-        method: Method,
-        headers: HeaderMap,
-        uri: Uri,
-    ) -> Response {
+    async fn redirect(method: Method, headers: HeaderMap, uri: Uri) -> Response {
         if method != Method::GET && method != Method::HEAD {
             return (StatusCode::BAD_REQUEST, "Use HTTPS\n").into_response();
         }
+        // Go redirects to https://<Host as sent><request URI>, port and all.
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
-            if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') {
-                h
-            } else {
-                host
-            }
-        });
-        let port = match st.tls_port {
-            Some(443) | None => String::new(),
-            Some(p) => format!(":{p}"),
-        };
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let target = format!("https://{host}{port}{path}");
+        let target = format!("https://{host}{path}");
         match HeaderValue::from_str(&target) {
             Ok(v) => (StatusCode::FOUND, [(header::LOCATION, v)]).into_response(),
             Err(_) => (StatusCode::BAD_REQUEST, "bad Host\n").into_response(),

@@ -130,6 +130,39 @@ pub struct MeshConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+/// Reads our current certificate's pin (it changes when the certificate is renewed).
+pub type PinSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Decides how mesh peers' certificates are checked, at every connect (so a renewed
+/// certificate or CA file is picked up).
+#[derive(Clone)]
+struct TrustSource {
+    ca_file: Option<PathBuf>,
+    own_pin: Option<PinSource>,
+}
+
+impl TrustSource {
+    fn get(&self) -> TlsTrust {
+        if let Some(p) = &self.ca_file {
+            let loaded = std::fs::read(p)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| TlsTrust::extra_ca_pem(&pem).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(t) => return t,
+                Err(e) => {
+                    warn!(file = %p.display(), "--mesh-ca-file unusable ({e}); using the system roots")
+                }
+            }
+        } else if let Some(pin) = self.own_pin.as_ref().and_then(|f| f()) {
+            match TlsTrust::from_sha256_raw(&pin) {
+                Ok(t) => return t,
+                Err(e) => warn!("own certificate pin unusable: {e}"),
+            }
+        }
+        TlsTrust::WebPki
+    }
+}
+
 /// Carries packets to one peer, from any reader, without blocking it.
 struct Forwarder {
     id: u64,
@@ -162,7 +195,7 @@ pub struct Mesh {
     own_hostname: String,
     own_port: u16,
     /// Our certificate pin, when it is self-signed (trust for siblings sharing it).
-    own_pin: Option<Box<dyn Fn() -> Option<String> + Send + Sync>>,
+    own_pin: Option<PinSource>,
     running: HashMap<MeshPeer, CancellationToken>,
     shutdown: CancellationToken,
 }
@@ -173,7 +206,7 @@ impl Mesh {
         cfg: MeshConfig,
         own_hostname: String,
         own_port: u16,
-        own_pin: Option<Box<dyn Fn() -> Option<String> + Send + Sync>>,
+        own_pin: Option<PinSource>,
         shutdown: CancellationToken,
     ) -> Self {
         Mesh {
@@ -185,19 +218,6 @@ impl Mesh {
             running: HashMap::new(),
             shutdown,
         }
-    }
-
-    fn trust(&self) -> Result<TlsTrust, String> {
-        if let Some(p) = &self.cfg.ca_file {
-            let pem =
-                std::fs::read(p).map_err(|e| format!("--mesh-ca-file {}: {e}", p.display()))?;
-            return TlsTrust::extra_ca_pem(&pem)
-                .map_err(|e| format!("--mesh-ca-file {}: {e}", p.display()));
-        }
-        if let Some(pin) = self.own_pin.as_ref().and_then(|f| f()) {
-            return TlsTrust::from_sha256_raw(&pin).map_err(|e| e.to_string());
-        }
-        Ok(TlsTrust::WebPki)
     }
 
     /// Makes the running peer set equal to `static peers ∪ file peers`.
@@ -225,12 +245,9 @@ impl Mesh {
             info!(peer = %peer.host, "mesh peer added");
             let token = self.shutdown.child_token();
             self.running.insert(peer.clone(), token.clone());
-            let trust = match self.trust() {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!("mesh TLS trust: {e}; using the system roots");
-                    TlsTrust::WebPki
-                }
+            let trust = TrustSource {
+                ca_file: self.cfg.ca_file.clone(),
+                own_pin: self.own_pin.clone(),
             };
             let span = info_span!("mesh", peer = %peer.host);
             tokio::spawn(
@@ -307,7 +324,7 @@ async fn run_peer(
     server: Arc<DerpServer>,
     key: MeshKey,
     peer: MeshPeer,
-    trust: TlsTrust,
+    trust: TrustSource,
     stop: CancellationToken,
 ) {
     let mut backoff = RECONNECT_MIN;
@@ -316,7 +333,7 @@ async fn run_peer(
         cfg.mesh_key = Some(key);
         cfg.can_ack_pings = false;
         cfg.watch_conns = true;
-        cfg.tls = trust.clone();
+        cfg.tls = trust.get();
         cfg.dial_addr = peer.dial.clone();
         let connected = tokio::select! {
             _ = stop.cancelled() => return,

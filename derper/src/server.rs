@@ -290,7 +290,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         home: cfg.home.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
         bootstrap_dns: tokio::sync::RwLock::new(None),
-        tls_port: tls_on.then_some(derp_addr.port()),
     });
 
     let mut tasks = JoinSet::new();
@@ -392,11 +391,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
 
     if let Some(mesh_cfg) = cfg.mesh.clone() {
         let pin_source = resolver.clone();
-        let own_pin: Option<Box<dyn Fn() -> Option<String> + Send + Sync>> = pin_source.map(|r| {
-            Box::new(move || {
+        let own_pin = pin_source.map(|r| {
+            Arc::new(move || {
                 let c = r.current();
                 c.self_signed.then(|| certs::pin_of(&c.leaf_der))
-            }) as Box<dyn Fn() -> Option<String> + Send + Sync>
+            }) as crate::mesh::PinSource
         });
         let mesh = crate::mesh::Mesh::new(
             derp.clone(),
