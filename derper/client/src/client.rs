@@ -306,7 +306,13 @@ impl ClientHandle {
         }
         w.broken = Some("closed by us".into());
         self.shared.closed.send_replace(true);
-        w.io.shutdown().await.map_err(ClientError::Io)
+        match self.shared.write_timeout {
+            Some(d) => tokio::time::timeout(d, w.io.shutdown())
+                .await
+                .map_err(|_| ClientError::WriteTimeout(d))?
+                .map_err(ClientError::Io),
+            None => w.io.shutdown().await.map_err(ClientError::Io),
+        }
     }
 
     pub fn public_key(&self) -> NodePublic {

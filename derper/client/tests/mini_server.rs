@@ -463,3 +463,85 @@ async fn server_misbehaviour_is_an_error_not_a_panic() {
         "{e}"
     );
 }
+
+/// A WebSocket DERP server that relays a client's packets back to itself, and records the size
+/// of every binary message it receives (Go's server refuses messages over 32 KiB).
+#[tokio::test]
+async fn websocket_transport_relays_and_keeps_messages_small() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let key = NodePrivate::generate();
+    let server_pub = key.public();
+    let largest = Arc::new(Mutex::new(0usize));
+    let largest_seen = largest.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let cb = |req: &Request, mut resp: Response| {
+            let proto = req.headers().get("Sec-WebSocket-Protocol").unwrap();
+            assert_eq!(proto, "derp");
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
+            Ok(resp)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, cb).await.unwrap();
+        let mut out = Vec::new();
+        frame::encode_server_key(&mut out, &key.public());
+        ws.send(Message::Binary(out.into())).await.unwrap();
+        let mut buf = BytesMut::new();
+        let mut client = None;
+        while let Some(Ok(m)) = ws.next().await {
+            let Message::Binary(b) = m else { continue };
+            {
+                let mut l = largest.lock().unwrap();
+                *l = (*l).max(b.len());
+            }
+            buf.extend_from_slice(&b);
+            let mut out = Vec::new();
+            while let Some((t, payload)) = read_frame(&mut &[][..], &mut buf).await {
+                match (t, &client) {
+                    (2, None) => {
+                        let c = NodePublic::from_slice(&payload[..32]).unwrap();
+                        info::open(&key, &c, &payload[32..]).unwrap();
+                        let si = ServerInfo {
+                            version: 2,
+                            ..Default::default()
+                        };
+                        let sealed = info::seal(&key, &c, si.to_json().as_bytes()).unwrap();
+                        frame::encode_server_info(&mut out, &sealed);
+                        client = Some(c);
+                    }
+                    (_, Some(c)) => match ClientToServer::decode(t, payload).unwrap() {
+                        ClientToServer::SendPacket { packet, .. } => {
+                            frame::encode_recv_packet(&mut out, c, &packet)
+                        }
+                        ClientToServer::Ping(d) => frame::encode_pong(&mut out, &d),
+                        _ => {}
+                    },
+                    _ => panic!("unexpected frame {t}"),
+                }
+            }
+            if !out.is_empty() {
+                ws.send(Message::Binary(out.into())).await.unwrap();
+            }
+        }
+    });
+
+    let mut c = cfg(format!("http://{addr}/derp"), TlsTrust::WebPki);
+    c.transport = derp_client::Transport::WebSocket;
+    let mut a = Client::connect(&c).await.unwrap();
+    assert_eq!(a.server_key(), server_pub);
+    assert!(!a.conn_info().fast_start);
+    let me = a.public_key();
+    for size in [1usize, 1400, 65536] {
+        let pkt = vec![size as u8; size];
+        a.send_packet(&me, &pkt).await.unwrap();
+        let (src, got) = recv_packet(&mut a).await;
+        assert_eq!((src, &got[..]), (me, &pkt[..]));
+    }
+    let l = *largest_seen.lock().unwrap();
+    assert!(l <= 16 << 10, "largest websocket message {l} bytes");
+}
