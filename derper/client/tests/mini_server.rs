@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 //! The client against a tiny in-test DERP server that behaves like Go's (101 or fast start,
 //! ServerKey, ClientInfo, ServerInfo, relay, Pong) or misbehaves on purpose, over plain TCP,
 //! TLS 1.3 with a metacert, or TLS 1.2. Checks what the server saw (fast start, SNI, headers,
