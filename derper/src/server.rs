@@ -67,6 +67,11 @@ pub struct ServerHandle {
     pub derp_map: DerpMap,
     pub derp: Arc<DerpServer>,
     pub resolver: Option<Arc<CertResolver>>,
+    cert_files: Option<(
+        certs::CertFiles,
+        rustls_pki_types::CertificateDer<'static>,
+        String,
+    )>,
     http: Arc<HttpState>,
     shutdown: CancellationToken,
     conns_stop: CancellationToken,
@@ -374,6 +379,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         tasks.spawn(reload_rate_config_on_hup(derp.clone(), p, shutdown.clone()));
     }
 
+    let cert_files = resolver
+        .as_ref()
+        .map(|(_, f, m)| (f.clone(), m.clone(), cfg.hostname.clone()));
     let resolver = match resolver {
         Some((r, files, meta)) => {
             tasks.spawn(reload_certs(
@@ -421,6 +429,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         derp_map,
         derp,
         resolver,
+        cert_files,
         http: http_state,
         shutdown,
         conns_stop,
@@ -682,6 +691,16 @@ impl ServerHandle {
         };
         info!(told = report.clients_told, cut = report.clients_cut, elapsed = ?report.elapsed, "shut down");
         report
+    }
+
+    /// Checks the certificate files now (what SIGHUP does); true if a new one was installed.
+    pub fn reload_certs_now(&self) -> bool {
+        match (&self.resolver, &self.cert_files) {
+            (Some(r), Some((files, meta, host))) => {
+                reload_once(r, files, meta, host, &self.derp.metrics)
+            }
+            _ => false,
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {
