@@ -1,0 +1,146 @@
+//! Shutdown and limits: SIGTERM-style shutdown tells every client `Restarting` and closes it
+//! quickly; accept-rate and connection caps close excess connections and keep serving; the
+//! per-client receive limit slows a sender without dropping.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use derp_client::ServerToClient;
+use derper::config::Config;
+use derper::limits::RateConfig;
+
+#[tokio::test]
+async fn shutdown_sends_restarting_then_closes_everyone_fast() {
+    let s = plain().await;
+    let u = url(&s);
+    let mut peers = Vec::new();
+    for _ in 0..20 {
+        peers.push(connect(&u).await);
+    }
+    let t0 = Instant::now();
+    let report = s.shutdown().await;
+    assert_eq!(report.clients_told, 20);
+    assert_eq!(report.clients_cut, 0, "everyone left after the frame");
+    assert!(report.elapsed < Duration::from_secs(2), "{report:?}");
+    for p in &mut peers {
+        match p.next().await {
+            ServerToClient::Restarting {
+                reconnect_in_ms,
+                try_for_ms,
+            } => {
+                assert_eq!(reconnect_in_ms, 0);
+                assert!(try_for_ms > 0);
+            }
+            other => panic!("expected Restarting, got {other:?}"),
+        }
+        let end = tokio::time::timeout(T, p.rx.recv())
+            .await
+            .expect("closed promptly");
+        assert!(end.is_err(), "then the connection closes");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn readyz_turns_false_on_shutdown() {
+    let s = plain().await;
+    let m = s.metrics_addr.unwrap();
+    let get = |path: &'static str| async move {
+        let mut sock = tokio::net::TcpStream::connect(m).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        sock.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        sock.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/metrics").await.contains("derper_accepts_total"));
+    s.set_ready(false);
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn accept_rate_and_connection_cap_close_excess_and_keep_serving() {
+    let mut cfg = Config::for_tests();
+    cfg.max_connections = 3;
+    let s = server(cfg).await;
+    let u = url(&s);
+    let _a = connect(&u).await;
+    let _b = connect(&u).await;
+    let _c = connect(&u).await;
+    let r = derp_client::Client::connect(&derp_client::ClientConfig::new(
+        u.clone(),
+        derp_proto::NodePrivate::generate(),
+    ))
+    .await;
+    assert!(r.is_err(), "fourth connection refused");
+    drop(_a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _d = connect(&u).await;
+    s.shutdown().await;
+
+    let mut cfg = Config::for_tests();
+    cfg.accept_rate = Some(1.0);
+    cfg.accept_burst = 2;
+    let s = server(cfg).await;
+    let u = url(&s);
+    let mut ok = 0;
+    for _ in 0..10 {
+        let cfg = derp_client::ClientConfig::new(u.clone(), derp_proto::NodePrivate::generate());
+        if derp_client::Client::connect(&cfg).await.is_ok() {
+            ok += 1;
+        }
+    }
+    assert!(
+        (2..=3).contains(&ok),
+        "burst of 2 (+1 refill) admitted, got {ok}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let _again = connect(&u).await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn receive_rate_limit_slows_but_does_not_drop() {
+    let s = plain().await;
+    s.derp.receive_limit.set(RateConfig {
+        bytes_per_sec: 200_000,
+        burst_bytes: 0,
+    });
+    let u = url(&s);
+    let a = connect(&u).await;
+    let mut b = connect(&u).await;
+    let pkt = vec![1u8; 10_000];
+    let t0 = Instant::now();
+    let n = 40;
+    let sender = {
+        let tx = a.tx.clone();
+        let dst = b.key;
+        let pkt = pkt.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                tx.send_packet(&dst, &pkt).await.unwrap();
+            }
+        })
+    };
+    for _ in 0..n {
+        assert_eq!(b.packet().await.1.len(), 10_000);
+    }
+    sender.await.unwrap();
+    // 400 KB at 200 KB/s after a 65 KB burst: about 1.7 s.
+    let took = t0.elapsed();
+    assert!(
+        took > Duration::from_millis(1200),
+        "limit not applied: {took:?}"
+    );
+    s.shutdown().await;
+}
