@@ -7,6 +7,8 @@ RIG_CACHE=${DERP_FLEET_PEERS_CACHE:-$HOME/.cache/derp-fleet/peers}
 
 export GOTOOLCHAIN=local
 export CGO_ENABLED=0
+# No VCS stamping: the harness lives in a git checkout that may be dirty; keeps builds reproducible.
+[[ ${GOFLAGS:-} == *-buildvcs* ]] || export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 
 rig_die() { echo "tests/cluster: ERROR: $*" >&2; exit 1; }
 rig_log() { echo "tests/cluster: $*" >&2; }
