@@ -369,7 +369,7 @@ where
         Ok(Ok(ws)) => {
             st.derp
                 .clone()
-                .serve(crate::ws::WsStream::new(ws), &[], meta)
+                .serve(derp_client::ws::WsIo::new(ws), &[], meta)
                 .await;
         }
         Ok(Err(e)) => {

@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod signals;
 pub mod stun_server;
 pub mod verify;
 pub mod ws;

@@ -263,8 +263,7 @@ impl Mesh {
     /// Applies the static peers, then follows the peers file until shutdown.
     pub async fn run(mut self) {
         let mut last: Option<String> = None;
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut hup = crate::signals::Hangups::new();
         loop {
             let file_peers = match &self.cfg.peers_file {
                 None => Some(Vec::new()),
@@ -297,21 +296,10 @@ impl Mesh {
                 self.shutdown.cancelled().await;
                 return;
             }
-            #[cfg(unix)]
-            let hup_fut = async {
-                match hup.as_mut() {
-                    Some(h) => {
-                        h.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let hup_fut = std::future::pending::<()>();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(PEER_FILE_POLL) => {}
-                _ = hup_fut => {}
+                _ = hup.recv() => {}
             }
         }
     }

@@ -614,24 +614,12 @@ async fn reload_certs(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hup = crate::signals::Hangups::new();
     loop {
-        #[cfg(unix)]
-        let hup_fut = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hup_fut = std::future::pending::<()>();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(certs::RELOAD_INTERVAL) => {}
-            _ = hup_fut => info!("SIGHUP: checking certificates"),
+            _ = hup.recv() => info!("SIGHUP: checking certificates"),
         }
         reload_once(&r, &files, &meta, &hostname, &metrics);
     }
@@ -713,33 +701,22 @@ async fn reload_rate_config_on_hup(
     path: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
-    #[cfg(unix)]
-    {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = hup.recv() => {}
-            }
-            match crate::limits::load_rate_config(&path) {
-                Ok(rc) => {
-                    info!(
-                        bytes_per_sec = rc.bytes_per_sec,
-                        burst = rc.burst_bytes,
-                        "SIGHUP: rate limits reloaded"
-                    );
-                    derp.receive_limit.set(rc);
-                }
-                Err(e) => warn!("SIGHUP: keeping the current rate limits: {e}"),
-            }
+    let mut hup = crate::signals::Hangups::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (derp, path);
-        shutdown.cancelled().await;
+        match crate::limits::load_rate_config(&path) {
+            Ok(rc) => {
+                info!(
+                    bytes_per_sec = rc.bytes_per_sec,
+                    burst = rc.burst_bytes,
+                    "SIGHUP: rate limits reloaded"
+                );
+                derp.receive_limit.set(rc);
+            }
+            Err(e) => warn!("SIGHUP: keeping the current rate limits: {e}"),
+        }
     }
 }

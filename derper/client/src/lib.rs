@@ -20,7 +20,7 @@ mod config;
 mod error;
 pub mod tls;
 mod upgrade;
-mod ws;
+pub mod ws;
 
 pub use client::{Client, ClientHandle, ClientReceiver, ConnInfo};
 pub use config::{

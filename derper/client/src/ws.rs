@@ -21,7 +21,7 @@ use crate::ClientError;
 /// Largest message we send. Go's server (coder/websocket) closes with 1009 on any received
 /// message over 32 768 bytes, and a 64 KiB packet would be one such message, so writes are cut
 /// into 16 KiB messages; the receiver reassembles the stream anyway.
-pub(crate) const MAX_WS_MESSAGE_BYTES: usize = 16 << 10;
+pub const MAX_WS_MESSAGE_BYTES: usize = 16 << 10;
 
 /// Runs the WebSocket client handshake over an established (TLS) stream.
 pub(crate) async fn handshake<S>(
@@ -51,22 +51,31 @@ where
             "server negotiated subprotocol {proto:?}, want \"derp\""
         )));
     }
-    Ok(WsIo {
-        ws,
-        rbuf: Bytes::new(),
-        eof: false,
-        close_sent: false,
-    })
+    Ok(WsIo::new(ws))
 }
 
-/// A WebSocket connection seen as a byte stream.
-pub(crate) struct WsIo<S> {
+/// A WebSocket connection seen as a byte stream. The server uses it too, for the same reasons:
+/// binary messages only, boundaries meaningless, writes cut to 16 KiB messages that every Go
+/// peer accepts.
+pub struct WsIo<S> {
     ws: WebSocketStream<S>,
     /// Unread rest of the last binary message.
     rbuf: Bytes,
     eof: bool,
     /// Our close frame (1000, normal) is queued; then only flushing remains.
     close_sent: bool,
+}
+
+impl<S> WsIo<S> {
+    /// Wraps an established WebSocket (after either side's handshake).
+    pub fn new(ws: WebSocketStream<S>) -> Self {
+        WsIo {
+            ws,
+            rbuf: Bytes::new(),
+            eof: false,
+            close_sent: false,
+        }
+    }
 }
 
 fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
