@@ -1,12 +1,18 @@
 //! derp-fleet operator library: the `DerpRegion` CRD types, the pure renderers of the objects a
-//! region owns, the pure DERP-map builder and the map HTTP server. `main.rs` wires them to the CLI
-//! and (next) to the cluster; nothing in here talks to an API server yet.
+//! region owns, the pure DERP-map builder and the map HTTP server (no I/O in those), and the live
+//! part over them: server-side apply (`apply`), the reconciler (`controller`), the map task
+//! (`maptask`), leader election (`leader`) and the wiring of `operator run` (`run`).
 
+pub mod apply;
+pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod mapbuild;
 pub mod mapserver;
+pub mod maptask;
 pub mod preview;
 pub mod render;
+pub mod run;
 pub mod select;
 pub mod tls;
 

@@ -1,5 +1,6 @@
-//! `operator` binary: the CLI over the library. `crd` prints the CRD; `render` prints, without a
-//! cluster, what a DerpRegion becomes; `run` (the controller and map server) comes next.
+//! `operator` binary: the CLI over the library. `run` is the operator (controller, map server,
+//! leader election); `crd` prints the CRD; `render` prints, without a cluster, what a DerpRegion
+//! becomes.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -24,6 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: reconcile DerpRegions (when leader) and serve the DERP map (always).
+    /// Cluster access as kubectl's: in-cluster service account, else KUBECONFIG or ~/.kube/config.
+    Run(RunArgs),
     /// Print the DerpRegion CustomResourceDefinition (YAML).
     Crd,
     /// Print, without a cluster, the objects a DerpRegion becomes and its DERP map entry
@@ -38,6 +42,66 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address of the map server (`/derpmap.json`, `/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "DERPFLEET_MAP_ADDR", default_value = "0.0.0.0:8080")]
+    map_addr: std::net::SocketAddr,
+    /// Also serve `/metrics` (and the health endpoints) on this address.
+    #[arg(long = "metrics-addr", env = "DERPFLEET_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// How long a node whose derper turned NotReady stays in the map (e.g. 5s, 500ms, 0s), so a
+    /// single failed probe does not make every client of the region redial.
+    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "5s", value_parser = parse_duration)]
+    not_ready_grace: std::time::Duration,
+    /// Set `OmitDefaultRegions` in the map (ask clients not to use Tailscale's own regions).
+    #[arg(long, env = "DERPFLEET_OMIT_DEFAULT_REGIONS")]
+    omit_default_regions: bool,
+    /// Watch DerpRegions (and their objects) in this namespace only; all namespaces when unset.
+    #[arg(long, env = "DERPFLEET_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Namespace of the operator: its Lease and the map ConfigMap.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    operator_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "DERPFLEET_LEASE_NAME",
+        default_value = "derp-fleet-operator"
+    )]
+    lease_name: String,
+    /// Seconds a Lease is valid without renewal (a crashed leader is replaced after this).
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// This replica's identity in the Lease; the pod name in a cluster, else host name + pid.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Derper image for regions that set none.
+    #[arg(long, env = "DERPFLEET_DERPER_IMAGE")]
+    derper_image: Option<String>,
+    /// ConfigMap (in the operator namespace) the leader writes the map to; "" disables it.
+    #[arg(long, env = "DERPFLEET_MAP_CONFIGMAP", default_value = "derp-map")]
+    map_configmap: String,
+}
+
+/// Parses `5s`, `500ms`, `1m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +119,7 @@ enum Format {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run(args)?,
         Command::Crd => emit(&derp_operator::crd::crd_yaml()?)?,
         Command::Render {
             file,
@@ -63,6 +128,75 @@ fn main() -> anyhow::Result<()> {
         } => render(&file, nodes.as_deref(), format)?,
     }
     Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let cfg = derp_operator::run::RunConfig {
+        map_addr: args.map_addr,
+        metrics_addr: args.metrics_addr,
+        map: derp_operator::mapbuild::MapConfig {
+            not_ready_grace: args.not_ready_grace,
+            omit_default_regions: args.omit_default_regions,
+        },
+        watch_namespace: args.namespace,
+        operator_namespace: args.operator_namespace.clone(),
+        lease: derp_operator::leader::LeaseConfig {
+            namespace: args.operator_namespace,
+            name: args.lease_name,
+            identity,
+            duration_secs: args.lease_duration.max(2),
+            // Renew a third of the duration before expiry (5 s of the default 15 s).
+            grace_secs: (args.lease_duration / 3).max(1),
+        },
+        derper_image: args.derper_image,
+        map_configmap: Some(args.map_configmap).filter(|n| !n.is_empty()),
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the cluster (in-cluster config or KUBECONFIG)")?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received");
+            c.cancel();
+        });
+        derp_operator::run::run(client, cfg, cancel).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 fn read(path: &std::path::Path) -> anyhow::Result<String> {

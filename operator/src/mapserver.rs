@@ -47,7 +47,11 @@ impl MapSnapshot {
 pub struct MapServerState {
     snapshot: watch::Receiver<Option<Arc<MapSnapshot>>>,
     counters: Arc<Counters>,
+    extra_metrics: Option<ExtraMetrics>,
 }
+
+/// More Prometheus text appended to `/metrics` (the operator's own counters).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
 #[derive(Default)]
 struct Counters {
@@ -61,7 +65,14 @@ impl MapServerState {
         Self {
             snapshot,
             counters: Arc::default(),
+            extra_metrics: None,
         }
+    }
+
+    /// Appends `f()` to every `/metrics` answer.
+    pub fn with_extra_metrics(mut self, f: ExtraMetrics) -> Self {
+        self.extra_metrics = Some(f);
+        self
     }
 }
 
@@ -137,7 +148,7 @@ async fn readyz(State(state): State<MapServerState>) -> Response {
 async fn metrics(State(state): State<MapServerState>) -> Response {
     let snap = current(&state);
     let c = &state.counters;
-    let body = format!(
+    let mut body = format!(
         "# HELP derpfleet_map_requests_total Requests for /derpmap.json by result.\n\
          # TYPE derpfleet_map_requests_total counter\n\
          derpfleet_map_requests_total{{result=\"ok\"}} {}\n\
@@ -155,6 +166,9 @@ async fn metrics(State(state): State<MapServerState>) -> Response {
         snap.as_ref().map_or(0, |s| s.regions),
         snap.as_ref().map_or(0, |s| s.nodes),
     );
+    if let Some(f) = &state.extra_metrics {
+        body.push_str(&f());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -441,10 +441,10 @@ pub fn derper_args(region: &DerpRegion) -> Vec<String> {
         args.push(format!(
             "--mesh-with-file={MESH_PEERS_DIR}/{MESH_PEERS_FILE}"
         ));
-        if spec.tls.self_signed.is_some() {
-            // Peers present the region's own self-signed certificate; trust exactly it.
-            args.push(format!("--mesh-ca-file={TLS_DIR}/tls.crt"));
-        }
+        // No --mesh-ca-file for self-signed regions: every derper of the region mounts the
+        // same Secret, and a derper whose certificate is self-signed pins it for its mesh peers
+        // on its own. A CA path would not even work: the leaf is no CA, and path validation of
+        // an IP-SAN leaf against itself fails.
     }
     args.extend(spec.extra_args.iter().cloned());
     args
@@ -766,6 +766,15 @@ mod tests {
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.run_as_user, Some(NONROOT_UID));
         assert_eq!(sc.capabilities.unwrap().add, None);
+    }
+
+    #[test]
+    fn self_signed_mesh_trusts_the_shared_certificate_without_a_ca_file() {
+        let r = region("home", 900);
+        let args = derper_args(&r);
+        assert!(args.iter().any(|a| a.starts_with("--mesh-with-file=")));
+        assert!(args.iter().any(|a| a.starts_with("-mesh-psk-file=")));
+        assert!(!args.iter().any(|a| a.contains("mesh-ca-file")), "{args:?}");
     }
 
     #[test]

@@ -1,0 +1,783 @@
+//! The reconciler of `DerpRegion`s (run by `run.rs` inside a kube-runtime `Controller`; only the
+//! leader acts). One reconcile renders the region's objects from the watch caches, applies the
+//! ones that differ with server-side apply, and writes the status (conditions, published nodes)
+//! when it changed, plus an Event on each transition a person must know about. The map facts it
+//! reports come from the map task (`maptask.rs`), so status says exactly what `/derpmap.json`
+//! serves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::apply::{self, Applied, FIELD_MANAGER, WriteCounters};
+use crate::crd::{
+    CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_READY, DerpRegion, DerpRegionStatus,
+};
+use crate::mapbuild::{MapOutput, RegionFacts, RegionKey};
+use crate::render::{
+    LABEL_REGION, RenderContext, certificate_name, mesh_key_secret_name, render, tls_secret_name,
+};
+
+/// A healthy region is looked at again this often even without events: a safety net for a
+/// missed watch event; it writes nothing when nothing changed.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Without map facts yet (the map task has not seen the region), look again soon.
+const FACTS_PENDING_RETRY: Duration = Duration::from_secs(2);
+/// How often a region waiting for cert-manager (missing CRD, unissued certificate or missing
+/// Secret) is looked at: installing cert-manager must not need an operator restart.
+const CERT_WAIT_RETRY: Duration = Duration::from_secs(30);
+/// Error backoff: doubles from 1 s per consecutive failure of the same region, up to 5 min.
+const ERROR_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// cert-manager's Certificate kind.
+pub fn certificate_resource() -> ApiResource {
+    ApiResource {
+        group: "cert-manager.io".into(),
+        version: "v1".into(),
+        api_version: "cert-manager.io/v1".into(),
+        kind: "Certificate".into(),
+        plural: "certificates".into(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("DerpRegion has no namespace")]
+    NoNamespace,
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+    #[error("{what}: {source}")]
+    Kube {
+        what: &'static str,
+        source: kube::Error,
+    },
+    #[error("serialising status: {0}")]
+    Status(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Stable label for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::NoNamespace => "no_namespace",
+            Self::Render(_) => "render",
+            Self::Apply(_) => "apply",
+            Self::Kube { .. } => "kube",
+            Self::Status(_) => "status",
+        }
+    }
+}
+
+/// The watch caches the controller and the map builder share.
+#[derive(Clone)]
+pub struct Stores {
+    pub regions: Store<DerpRegion>,
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub secrets: Store<Secret>,
+    pub configmaps: Store<ConfigMap>,
+    pub daemonsets: Store<DaemonSet>,
+    pub certificates: Store<DynamicObject>,
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub stores: Stores,
+    pub recorder: Recorder,
+    pub counters: Arc<WriteCounters>,
+    /// Latest map build (facts per region), from the map task.
+    pub map: watch::Receiver<Option<Arc<MapOutput>>>,
+    /// Whether this replica holds the Lease.
+    pub leader: watch::Receiver<bool>,
+    /// Whether cert-manager's Certificate CRD was found.
+    pub cert_crd: Arc<AtomicBool>,
+    /// Image for regions that name none.
+    pub derper_image: Option<String>,
+    /// Consecutive failures per region, for [`error_policy`].
+    pub failures: Mutex<HashMap<RegionKey, u32>>,
+    pub reconciles: std::sync::atomic::AtomicU64,
+}
+
+fn key_of(r: &DerpRegion) -> RegionKey {
+    (r.namespace().unwrap_or_default(), r.name_any())
+}
+
+/// State of the region's certificate, as `CertificateReady` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertState {
+    pub ready: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl CertState {
+    fn new(ready: bool, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            ready,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reconciles one region (leader only).
+pub async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !*ctx.leader.borrow() {
+        return Ok(Action::await_change());
+    }
+    if region.metadata.deletion_timestamp.is_some() {
+        // Owner references hand the owned objects to the garbage collector.
+        return Ok(Action::await_change());
+    }
+    let ns = region.namespace().ok_or(Error::NoNamespace)?;
+    let span = info_span!("reconcile", region = %format!("{ns}/{}", region.name_any()));
+    let res = reconcile_inner(&region, &ns, &ctx).instrument(span).await;
+    ctx.reconciles.fetch_add(1, Ordering::Relaxed);
+    if res.is_ok()
+        && let Ok(mut f) = ctx.failures.lock()
+    {
+        f.remove(&key_of(&region));
+    }
+    res
+}
+
+/// Backs off per region: 1 s, 2 s, 4 s ... 5 min.
+pub fn error_policy(region: Arc<DerpRegion>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key_of(&region)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = ERROR_BACKOFF_MIN
+        .saturating_mul(1u32 << (n - 1).min(16))
+        .min(ERROR_BACKOFF_MAX);
+    warn!(
+        region = %format!("{}/{}", region.namespace().unwrap_or_default(), region.name_any()),
+        error = %err, kind = err.metric_label(), failures = n, retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+fn find<K: Resource + Clone>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>
+where
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+/// The Secret from the cache, else from the API server: a Secret we created a moment ago may not
+/// be in the cache yet, and making a new mesh key or certificate over it would break the region.
+async fn existing_secret(ctx: &Context, ns: &str, name: &str) -> Result<Option<Secret>, Error> {
+    if let Some(s) = find(&ctx.stores.secrets, ns, name) {
+        return Ok(Some((*s).clone()));
+    }
+    Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Kube {
+            what: "reading Secret",
+            source,
+        })
+}
+
+async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result<Action, Error> {
+    let name = region.name_any();
+    let spec = &region.spec;
+    let mut requeue = RESYNC;
+
+    let mesh_key = if spec.mesh.enabled {
+        existing_secret(ctx, ns, &mesh_key_secret_name(&name)).await?
+    } else {
+        None
+    };
+    let tls = if spec.tls.self_signed.is_some() {
+        existing_secret(ctx, ns, &certificate_name(&name)).await?
+    } else {
+        None
+    };
+    let nodes: Vec<Node> = ctx
+        .stores
+        .nodes
+        .state()
+        .iter()
+        .map(|n| (**n).clone())
+        .collect();
+    let mut r = region.clone();
+    if r.spec.image.is_none() {
+        r.spec.image = ctx.derper_image.clone();
+    }
+    let now_unix = Timestamp::now().as_second();
+    let rendered = render(
+        &r,
+        &RenderContext {
+            nodes: &nodes,
+            existing_mesh_key: mesh_key.as_ref(),
+            existing_tls: tls.as_ref(),
+            now_unix,
+        },
+        &mut rand::rngs::OsRng,
+    )?;
+
+    let client = &ctx.client;
+    let c = &ctx.counters;
+    let mut changed = Vec::new();
+    let mut note = |kind: &str, a: Applied| {
+        if a != Applied::Unchanged {
+            changed.push(format!("{kind}:{a:?}"));
+        }
+    };
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    if let Some(s) = &rendered.mesh_key_secret {
+        let have = mesh_key.as_ref();
+        note("Secret", apply::apply(&secrets, s, have, c).await?);
+    }
+    if let Some(cm) = &rendered.mesh_peers {
+        let have = find(&ctx.stores.configmaps, ns, &cm.name_any());
+        let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
+        note(
+            "ConfigMap",
+            apply::apply(&api, cm, have.as_deref(), c).await?,
+        );
+    }
+    if let Some(s) = &rendered.tls_secret {
+        note("Secret", apply::apply(&secrets, s, tls.as_ref(), c).await?);
+    }
+
+    let cert_state = if spec.tls.issuer_ref.is_some() {
+        let (state, retry) = certificate(ctx, ns, &name, rendered.certificate.as_ref()).await?;
+        if retry {
+            requeue = CERT_WAIT_RETRY;
+        }
+        if let Some(a) = state.1 {
+            note("Certificate", a);
+        }
+        state.0
+    } else if let Some(secret) = &spec.tls.secret_name {
+        let found = secrets
+            .get_opt(secret)
+            .await
+            .map_err(|source| Error::Kube {
+                what: "reading the tls.secretName Secret",
+                source,
+            })?;
+        match found {
+            Some(_) => CertState::new(true, "SecretFound", format!("using Secret {secret}")),
+            None => {
+                requeue = CERT_WAIT_RETRY;
+                CertState::new(
+                    false,
+                    "SecretNotFound",
+                    format!(
+                        "Secret {secret} (tls.secretName) does not exist in namespace {ns}; the \
+                         derpers cannot start until it does"
+                    ),
+                )
+            }
+        }
+    } else if rendered.tls_secret.is_some() {
+        CertState::new(
+            true,
+            "SelfSigned",
+            format!(
+                "self-signed certificate in Secret {}; the map pins it",
+                tls_secret_name(region)
+            ),
+        )
+    } else {
+        CertState::new(
+            false,
+            "NoNodes",
+            "no node is selected yet; the self-signed certificate is made for the first one",
+        )
+    };
+
+    let ds_have = find(&ctx.stores.daemonsets, ns, &rendered.daemonset.name_any());
+    let api = Api::<DaemonSet>::namespaced(client.clone(), ns);
+    note(
+        "DaemonSet",
+        apply::apply(&api, &rendered.daemonset, ds_have.as_deref(), c).await?,
+    );
+    if !changed.is_empty() {
+        info!(objects = ?changed, "applied");
+    }
+
+    // Status from the map task's facts (what /derpmap.json serves).
+    let facts = ctx
+        .map
+        .borrow()
+        .as_ref()
+        .and_then(|m| m.facts.get(&key_of(region)).cloned());
+    let Some(facts) = facts else {
+        debug!("no map facts for the region yet");
+        return Ok(Action::requeue(FACTS_PENDING_RETRY));
+    };
+    let old = region.status.clone();
+    let new = desired_status(region, &facts, &cert_state, old.as_ref(), now_seconds());
+    if old.as_ref() != Some(&new) {
+        let api = Api::<DerpRegion>::namespaced(client.clone(), ns);
+        let patch = json!({
+            "apiVersion": "derpfleet.io/v1alpha1",
+            "kind": "DerpRegion",
+            "status": serde_json::to_value(&new)?,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            what: "writing status",
+            source,
+        })?;
+        apply::count_status_write(c);
+        info!(ready = ?new.nodes_ready, "status updated");
+        for ev in transitions(old.as_ref(), &new) {
+            publish(ctx, region, ev).await;
+        }
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// The Certificate's state, after applying it when cert-manager is installed. The bool asks
+/// for a sooner look.
+async fn certificate(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    desired: Option<&DynamicObject>,
+) -> Result<((CertState, Option<Applied>), bool), Error> {
+    if !ctx.cert_crd.load(Ordering::Relaxed) {
+        // Installed since the last look? (the Certificate watch starts on its own once it is).
+        if cert_crd_installed(&ctx.client).await {
+            ctx.cert_crd.store(true, Ordering::Relaxed);
+        } else {
+            return Ok((
+                (
+                    CertState::new(
+                        false,
+                        "CertManagerMissing",
+                        "cert-manager is not installed (no certificates.cert-manager.io/v1 API): \
+                         install cert-manager, or use tls.selfSigned or tls.secretName",
+                    ),
+                    None,
+                ),
+                true,
+            ));
+        }
+    }
+    let Some(desired) = desired else {
+        return Ok((
+            (
+                CertState::new(
+                    false,
+                    "NoNodes",
+                    "no node is selected yet; the Certificate is requested once one is",
+                ),
+                None,
+            ),
+            false,
+        ));
+    };
+    let cname = certificate_name(name);
+    let have = ctx
+        .stores
+        .certificates
+        .get(&ObjectRef::new_with(&cname, certificate_resource()).within(ns));
+    let api =
+        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), ns, &certificate_resource());
+    let want = apply::stamp(serde_json::to_value(desired)?);
+    let have_v = have.as_deref().map(serde_json::to_value).transpose()?;
+    let applied = apply::apply_value(
+        &api,
+        &cname,
+        "Certificate",
+        want,
+        have_v.as_ref(),
+        &ctx.counters,
+    )
+    .await?;
+    let cond = have_v
+        .as_ref()
+        .and_then(|v| v.pointer("/status/conditions"))
+        .and_then(|c| c.as_array())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready"))
+        });
+    let s = |c: &serde_json::Value, k: &str| {
+        c.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let state = match cond {
+        Some(c) if s(c, "status") == "True" => CertState::new(
+            true,
+            "Issued",
+            format!("Certificate {cname} is issued (Secret {cname})"),
+        ),
+        Some(c) => CertState::new(
+            false,
+            "CertificateNotReady",
+            format!(
+                "Certificate {cname} is not ready: {} {}",
+                s(c, "reason"),
+                s(c, "message")
+            )
+            .trim_end()
+            .to_string(),
+        ),
+        None => CertState::new(
+            false,
+            "CertificatePending",
+            format!("waiting for cert-manager to issue Certificate {cname}"),
+        ),
+    };
+    let retry = !state.ready;
+    Ok(((state, Some(applied)), retry))
+}
+
+/// Whether the API server serves `certificates.cert-manager.io/v1`.
+pub async fn cert_crd_installed(client: &Client) -> bool {
+    match client.list_api_group_resources("cert-manager.io/v1").await {
+        Ok(list) => list.resources.iter().any(|r| r.name == "certificates"),
+        Err(_) => false,
+    }
+}
+
+fn now_seconds() -> Timestamp {
+    // Conditions carry whole seconds on the wire; a sub-second value would never compare equal
+    // to what the cache reads back, and every reconcile would write the status again.
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
+}
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    old: Option<&DerpRegionStatus>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    // The transition time moves only when the status does.
+    let since = old
+        .and_then(|o| o.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+/// The status a region should have, given the map's facts and its certificate. Pure.
+pub fn desired_status(
+    region: &DerpRegion,
+    facts: &RegionFacts,
+    cert: &CertState,
+    old: Option<&DerpRegionStatus>,
+    now: Timestamp,
+) -> DerpRegionStatus {
+    let generation = region.metadata.generation;
+    let (ready_reason, ready_msg) = if facts.published {
+        (
+            "Published",
+            format!(
+                "{} of {} nodes are in the DERP map",
+                facts.ready, facts.desired
+            ),
+        )
+    } else {
+        let why = facts
+            .not_published_reason
+            .clone()
+            .unwrap_or_else(|| "not in the DERP map".into());
+        let reason = if facts.conflict.is_some() {
+            "Conflict"
+        } else if facts.desired == 0 {
+            "NoNodeSelected"
+        } else if why.contains("certificate") || why.contains("Secret") {
+            "WaitingForCertificate"
+        } else if why.contains("out of range") {
+            "InvalidRegionID"
+        } else {
+            "NoReadyNode"
+        };
+        (reason, format!("not in the DERP map: {why}"))
+    };
+    let (conflict_reason, conflict_msg) = match &facts.conflict {
+        Some(c) if c.starts_with("code") => ("RegionCodeTaken", c.clone()),
+        Some(c) => ("RegionIDTaken", c.clone()),
+        None => (
+            "Unique",
+            format!(
+                "regionId {} and code {:?} belong to this region alone",
+                region.spec.region_id, region.spec.code
+            ),
+        ),
+    };
+    let conditions = vec![
+        condition(
+            CONDITION_READY,
+            facts.published,
+            ready_reason,
+            ready_msg,
+            generation,
+            old,
+            now,
+        ),
+        condition(
+            CONDITION_CERTIFICATE_READY,
+            cert.ready,
+            &cert.reason,
+            cert.message.clone(),
+            generation,
+            old,
+            now,
+        ),
+        condition(
+            CONDITION_CONFLICT,
+            facts.conflict.is_some(),
+            conflict_reason,
+            conflict_msg,
+            generation,
+            old,
+            now,
+        ),
+    ];
+    let mut message: Vec<String> = Vec::new();
+    if let Some(why) = &facts.not_published_reason {
+        message.push(format!("not in the DERP map: {why}"));
+    }
+    message.extend(facts.warnings.iter().cloned());
+    DerpRegionStatus {
+        observed_generation: generation,
+        conditions,
+        nodes_ready: Some(format!("{}/{}", facts.ready, facts.desired)),
+        nodes: facts.nodes.clone(),
+        message: (!message.is_empty()).then(|| message.join("; ")),
+    }
+}
+
+/// Events for the condition transitions a person must know about, old → new.
+pub fn transitions(old: Option<&DerpRegionStatus>, new: &DerpRegionStatus) -> Vec<Event> {
+    let get = |s: Option<&DerpRegionStatus>, t: &str| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let mut out = Vec::new();
+    for c in &new.conditions {
+        if get(old, &c.type_) == Some((c.status.clone(), c.reason.clone())) {
+            continue;
+        }
+        let ok = c.status == "True";
+        let (type_, reason) = match (c.type_.as_str(), ok, c.reason.as_str()) {
+            (CONDITION_CONFLICT, true, _) => (EventType::Warning, "RegionConflict"),
+            (CONDITION_CONFLICT, false, _) if old.is_some() => {
+                (EventType::Normal, "ConflictResolved")
+            }
+            (CONDITION_CERTIFICATE_READY, false, "CertManagerMissing") => {
+                (EventType::Warning, "CertManagerMissing")
+            }
+            (CONDITION_CERTIFICATE_READY, false, "NoNodes") => continue,
+            (CONDITION_CERTIFICATE_READY, false, _) => (EventType::Warning, "CertificateNotReady"),
+            (CONDITION_CERTIFICATE_READY, true, _) => (EventType::Normal, "CertificateReady"),
+            (CONDITION_READY, false, "NoReadyNode") => (EventType::Warning, "NoReadyNode"),
+            (CONDITION_READY, false, "NoNodeSelected") => (EventType::Warning, "NoNodeSelected"),
+            (CONDITION_READY, true, _) => (EventType::Normal, "Published"),
+            _ => continue,
+        };
+        out.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(&c.message, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    out
+}
+
+/// Event notes are capped at 1 kB by the API server.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+async fn publish(ctx: &Context, region: &DerpRegion, ev: Event) {
+    let reference = region.object_ref(&());
+    match ctx.recorder.publish(&ev, &reference).await {
+        Ok(()) => apply::count_event(&ctx.counters),
+        // An Event is advice; failing to publish one must not fail the reconcile.
+        Err(e) => warn!(reason = %ev.reason, "publishing event: {e}"),
+    }
+}
+
+/// Regions a Node change may affect: those whose selection includes it, and those that list it
+/// in their status (it may have just left their selection, or been deleted).
+pub fn regions_for_node(regions: &Store<DerpRegion>, node: &Node) -> Vec<ObjectRef<DerpRegion>> {
+    let name = node.name_any();
+    regions
+        .state()
+        .iter()
+        .filter(|r| {
+            crate::select::selects(&r.spec, node)
+                || r.status
+                    .as_ref()
+                    .is_some_and(|s| s.nodes.iter().any(|n| n.node_name == name))
+        })
+        .map(|r| ObjectRef::from_obj(&**r))
+        .collect()
+}
+
+/// The region a derper Pod belongs to (label `derpfleet.io/region`, same namespace).
+pub fn region_for_pod(pod: &Pod) -> Option<ObjectRef<DerpRegion>> {
+    let region = pod.labels().get(LABEL_REGION)?;
+    Some(ObjectRef::new(region).within(&pod.namespace()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::PublishedNode;
+    use crate::testutil::region;
+
+    fn facts(ready: u32, desired: u32) -> RegionFacts {
+        RegionFacts {
+            desired,
+            ready,
+            nodes: vec![PublishedNode {
+                name: "900-a".into(),
+                node_name: "a".into(),
+                host_name: "127.0.1.1".into(),
+                ipv4: Some("127.0.1.1".into()),
+                ipv6: None,
+                ready: ready > 0,
+            }],
+            published: ready > 0,
+            not_published_reason: (ready == 0)
+                .then(|| format!("none of the {desired} selected nodes has a Ready derper")),
+            ..Default::default()
+        }
+    }
+
+    fn cert() -> CertState {
+        CertState::new(true, "SelfSigned", "x")
+    }
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn unchanged_input_gives_equal_status_and_no_event() {
+        let mut r = region("home", 900);
+        r.metadata.generation = Some(3);
+        let first = desired_status(&r, &facts(3, 3), &cert(), None, ts(100));
+        assert_eq!(first.nodes_ready.as_deref(), Some("3/3"));
+        assert_eq!(first.observed_generation, Some(3));
+        let ready = &first.conditions[0];
+        assert_eq!(
+            (ready.type_.as_str(), ready.status.as_str()),
+            ("Ready", "True")
+        );
+        // Later, same input: equal (transition times kept), so nothing is written.
+        let again = desired_status(&r, &facts(3, 3), &cert(), Some(&first), ts(200));
+        assert_eq!(again, first);
+        assert!(transitions(Some(&first), &again).is_empty());
+        // Fewer ready nodes: message changes, transition time does not.
+        let two = desired_status(&r, &facts(2, 3), &cert(), Some(&first), ts(300));
+        assert_ne!(two, first);
+        assert_eq!(
+            two.conditions[0].last_transition_time,
+            first.conditions[0].last_transition_time
+        );
+        assert!(transitions(Some(&first), &two).is_empty());
+    }
+
+    #[test]
+    fn no_ready_node_and_conflict_raise_warnings() {
+        let r = region("home", 900);
+        let first = desired_status(&r, &facts(3, 3), &cert(), None, ts(100));
+        let none = desired_status(&r, &facts(0, 3), &cert(), Some(&first), ts(200));
+        assert_eq!(none.conditions[0].reason, "NoReadyNode");
+        assert_eq!(none.conditions[0].last_transition_time, Time(ts(200)));
+        let evs = transitions(Some(&first), &none);
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].reason, "NoReadyNode");
+        assert_eq!(evs[0].type_, EventType::Warning);
+
+        let mut f = facts(0, 3);
+        f.conflict = Some("regionId 900 is already held by the older DerpRegion derp/old".into());
+        f.not_published_reason = f.conflict.clone();
+        let c = desired_status(&r, &f, &cert(), Some(&first), ts(200));
+        assert_eq!(c.conditions[0].reason, "Conflict");
+        assert_eq!(c.conditions[2].status, "True");
+        assert_eq!(c.conditions[2].reason, "RegionIDTaken");
+        let reasons: Vec<String> = transitions(Some(&first), &c)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert!(
+            reasons.contains(&"RegionConflict".to_string()),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn missing_cert_manager_is_a_condition_and_an_event() {
+        let r = region("home", 900);
+        let cm = CertState::new(false, "CertManagerMissing", "cert-manager is not installed");
+        let s = desired_status(&r, &facts(0, 0), &cm, None, ts(1));
+        let c = &s.conditions[1];
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "CertManagerMissing")
+        );
+        let reasons: Vec<String> = transitions(None, &s)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert!(
+            reasons.contains(&"CertManagerMissing".to_string()),
+            "{reasons:?}"
+        );
+    }
+}

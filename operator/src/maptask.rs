@@ -1,0 +1,300 @@
+//! The map task every replica runs: rebuilds the DERP map from the shared watch caches whenever
+//! one of them changes or a NotReady grace ends, publishes it to the map server through a `watch`
+//! channel (only when its bytes change), hands the per-region facts to the controller (and asks
+//! it to reconcile a region whose facts changed), and, on the leader, keeps the `derp-map`
+//! ConfigMap (`derpmap.json` and Headscale's `derp.yaml`) equal to what is served.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::apply::{self, WriteCounters};
+use crate::controller::Stores;
+use crate::crd::DerpRegion;
+use crate::mapbuild::{MapConfig, MapInput, MapOutput, RegionFacts, RegionKey, build_map};
+use crate::mapserver::MapSnapshot;
+use crate::render::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, MANAGER_NAME};
+
+/// Keys of the `derp-map` ConfigMap.
+pub const CONFIGMAP_JSON_KEY: &str = "derpmap.json";
+pub const CONFIGMAP_YAML_KEY: &str = "derp.yaml";
+
+/// Changes arriving within this window are folded into one rebuild (a DaemonSet rollout or the
+/// initial list touches many objects at once). Small against the sub-second goal for a NotReady
+/// pod to leave the map.
+const COALESCE: Duration = Duration::from_millis(20);
+/// A failed ConfigMap write is retried after this long (doubling up to 1 min).
+const CONFIGMAP_RETRY_MIN: Duration = Duration::from_secs(1);
+const CONFIGMAP_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Slack after a grace deadline so the rebuild sees it passed (`now < until` is strict and the
+/// pod's transition time has whole seconds).
+const GRACE_SLACK: Duration = Duration::from_millis(5);
+
+/// Where the leader writes the map.
+#[derive(Clone)]
+pub struct MapConfigMap {
+    pub api: Api<ConfigMap>,
+    pub namespace: String,
+    pub name: String,
+}
+
+pub struct MapTask {
+    pub stores: Stores,
+    pub config: MapConfig,
+    /// Signalled by every reflector after it applied an event.
+    pub changed: Arc<Notify>,
+    pub snapshot: watch::Sender<Option<Arc<MapSnapshot>>>,
+    pub output: watch::Sender<Option<Arc<MapOutput>>>,
+    /// Regions whose facts changed, for the controller's `reconcile_on`.
+    pub trigger: mpsc::UnboundedSender<ObjectRef<DerpRegion>>,
+    pub leader: watch::Receiver<bool>,
+    pub configmap: Option<MapConfigMap>,
+    pub counters: Arc<WriteCounters>,
+    /// Map rebuilds and publications, for `/metrics`.
+    pub stats: Arc<MapStats>,
+}
+
+#[derive(Debug, Default)]
+pub struct MapStats {
+    pub builds: std::sync::atomic::AtomicU64,
+    pub publications: std::sync::atomic::AtomicU64,
+}
+
+/// The `derp-map` ConfigMap for `map`.
+pub fn render_map_configmap(cm: &MapConfigMap, out: &MapOutput) -> ConfigMap {
+    let labels = [
+        (LABEL_NAME.to_string(), APP_NAME.to_string()),
+        (LABEL_MANAGED_BY.to_string(), MANAGER_NAME.to_string()),
+    ]
+    .into();
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(cm.name.clone()),
+            namespace: Some(cm.namespace.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                (CONFIGMAP_JSON_KEY.to_string(), out.map.to_json()),
+                (CONFIGMAP_YAML_KEY.to_string(), out.map.to_headscale_yaml()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+impl MapTask {
+    fn build(&self, previously_published: &BTreeSet<String>) -> MapOutput {
+        let regions: Vec<DerpRegion> = clone_all(self.stores.regions.state());
+        let nodes: Vec<_> = clone_all(self.stores.nodes.state());
+        let pods: Vec<_> = clone_all(self.stores.pods.state());
+        let secrets: Vec<_> = clone_all(self.stores.secrets.state());
+        build_map(
+            &MapInput {
+                regions: &regions,
+                nodes: &nodes,
+                pods: &pods,
+                secrets: &secrets,
+                previously_published,
+                now: Timestamp::now(),
+            },
+            &self.config,
+        )
+    }
+
+    /// Runs until `cancel`. Waits for the caches it reads to be synced before the first build, so
+    /// no replica ever serves a map built from half a list.
+    pub async fn run(self, cancel: CancellationToken) {
+        let s = &self.stores;
+        debug!("map task waiting for the caches");
+        let synced = async {
+            ready(&s.regions).await?;
+            ready(&s.nodes).await?;
+            ready(&s.pods).await?;
+            ready(&s.secrets).await
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = synced => if r.is_err() { return },
+        }
+        info!("caches synced; building the first map");
+
+        let mut leader = self.leader.clone();
+        let mut published = BTreeSet::new();
+        let mut last_facts: BTreeMap<RegionKey, RegionFacts> = BTreeMap::new();
+        // What the ConfigMap holds as far as we know: None = unknown (read it once as leader).
+        let mut cm_known: Option<Option<serde_json::Value>> = None;
+        let mut cm_retry = CONFIGMAP_RETRY_MIN;
+        let mut cm_retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            let out = self.build(&published);
+            self.stats
+                .builds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            published = out.published.clone();
+            let snap = MapSnapshot::new(&out.map);
+            let sent = self.snapshot.send_if_modified(|cur| {
+                if cur.as_ref().is_some_and(|c| c.json == snap.json) {
+                    return false;
+                }
+                *cur = Some(Arc::new(snap.clone()));
+                true
+            });
+            if sent {
+                self.stats
+                    .publications
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(
+                    regions = snap.regions,
+                    nodes = snap.nodes,
+                    etag = %snap.etag,
+                    "map published"
+                );
+            }
+            for (key, f) in &out.facts {
+                if last_facts.get(key) != Some(f) {
+                    let _ = self.trigger.send(ObjectRef::new(&key.1).within(&key.0));
+                }
+            }
+            last_facts = out.facts.clone();
+            let next_rebuild = out.next_rebuild;
+            let out = Arc::new(out);
+            self.output.send_replace(Some(out.clone()));
+
+            // The leader keeps the ConfigMap current.
+            let is_leader = *leader.borrow();
+            if !is_leader {
+                cm_known = None;
+            } else if let Some(cm) = &self.configmap
+                && cm_retry_at.is_none_or(|t| t <= tokio::time::Instant::now())
+            {
+                match self.write_configmap(cm, &out, &mut cm_known).await {
+                    Ok(()) => {
+                        cm_retry = CONFIGMAP_RETRY_MIN;
+                        cm_retry_at = None;
+                    }
+                    Err(e) => {
+                        warn!(retry_in = ?cm_retry, "writing ConfigMap {}/{}: {e}", cm.namespace, cm.name);
+                        cm_known = None;
+                        cm_retry_at = Some(tokio::time::Instant::now() + cm_retry);
+                        cm_retry = (cm_retry * 2).min(CONFIGMAP_RETRY_MAX);
+                    }
+                }
+            }
+
+            let grace_end = next_rebuild.map(|t| {
+                let ms = t.as_millisecond() - Timestamp::now().as_millisecond();
+                tokio::time::Instant::now()
+                    + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+                    + GRACE_SLACK
+            });
+            let wake = [grace_end, cm_retry_at].into_iter().flatten().min();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.changed.notified() => {
+                    tokio::time::sleep(COALESCE).await;
+                }
+                _ = sleep_until_opt(wake) => {
+                    debug!("grace or retry deadline");
+                }
+                r = leader.changed() => {
+                    if r.is_err() { return }
+                }
+            }
+        }
+    }
+
+    async fn write_configmap(
+        &self,
+        cm: &MapConfigMap,
+        out: &MapOutput,
+        known: &mut Option<Option<serde_json::Value>>,
+    ) -> Result<(), crate::apply::ApplyError> {
+        if known.is_none() {
+            let have = cm
+                .api
+                .get_opt(&cm.name)
+                .await
+                .map_err(|source| apply::ApplyError::Api {
+                    kind: "ConfigMap".into(),
+                    name: cm.name.clone(),
+                    source,
+                })?;
+            *known = Some(
+                have.map(serde_json::to_value)
+                    .transpose()
+                    .map_err(|source| apply::ApplyError::Serialize {
+                        kind: "ConfigMap".into(),
+                        name: cm.name.clone(),
+                        source,
+                    })?,
+            );
+        }
+        let want = render_map_configmap(cm, out);
+        let stamped = apply::stamp(serde_json::to_value(&want).map_err(|source| {
+            apply::ApplyError::Serialize {
+                kind: "ConfigMap".into(),
+                name: cm.name.clone(),
+                source,
+            }
+        })?);
+        let existing = known.as_ref().and_then(|k| k.as_ref());
+        if !apply::needs_apply(&stamped, existing) {
+            return Ok(());
+        }
+        apply::apply_value(
+            &cm.api,
+            &cm.name,
+            "ConfigMap",
+            stamped.clone(),
+            existing,
+            &self.counters,
+        )
+        .await?;
+        // The stamped object is what the server now holds for our fields.
+        *known = Some(Some(stamped));
+        Ok(())
+    }
+}
+
+/// Waits until `store` has its first full list. `Store::wait_until_ready` keeps only the waker
+/// of its latest poller (a futures oneshot underneath), and the controller polls the same store,
+/// so a lone waiter here may never be woken: poll again every 100 ms (the state is memoised once
+/// any poller saw it).
+async fn ready<K>(
+    store: &kube::runtime::reflector::Store<K>,
+) -> Result<(), kube::runtime::reflector::store::WriterDropped>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await
+        {
+            return r;
+        }
+    }
+}
+
+fn clone_all<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
+    v.iter().map(|o| (**o).clone()).collect()
+}
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
