@@ -38,9 +38,23 @@ func cmdAdmit(args []string) {
 	defer cancel()
 	err := c.Connect(ctx)
 	if err == nil {
-		go recvUntilError(c) // Ping's pong is delivered by Recv
+		// Ping's pong is delivered by Recv; a refused client sees the close there first.
+		recvErr := make(chan error, 1)
+		go func() {
+			for {
+				if _, err := c.Recv(); err != nil {
+					recvErr <- fmt.Errorf("closed by the server: %v", err)
+					return
+				}
+			}
+		}()
 		pctx, pcancel := context.WithTimeout(ctx, 4*time.Second)
-		err = c.Ping(pctx)
+		pingErr := make(chan error, 1)
+		go func() { pingErr <- c.Ping(pctx) }()
+		select {
+		case err = <-pingErr:
+		case err = <-recvErr:
+		}
 		pcancel()
 	}
 	admitted := err == nil
