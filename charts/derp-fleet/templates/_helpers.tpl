@@ -91,19 +91,22 @@ or operator.watchNamespace in a Role). Each rule names the code that needs it.
 - apiGroups: ["derpfleet.io"]
   resources: ["derpregions/finalizers"]
   verbs: ["update"]
-# The derpers (server-side apply creates and updates; watched by label).
+# Server-side apply is a PATCH, and the API server also asks for create when the object does
+# not exist yet: every applied kind has create and patch (never update or delete: the garbage
+# collector removes owned objects with their DerpRegion).
+# The derpers (applied; watched by label).
 - apiGroups: ["apps"]
   resources: ["daemonsets"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 # Self-signed certificates and mesh keys (applied); the region's own tls.secretName and a
 # just-created Secret not yet in the cache are read with get.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Mesh peer lists (applied; watched by label).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 # Derper readiness, for the map (read only).
 - apiGroups: [""]
   resources: ["pods"]
@@ -111,7 +114,7 @@ or operator.watchNamespace in a Role). Each rule names the code that needs it.
 # cert-manager Certificates for regions with tls.issuerRef (applied; watched by label).
 - apiGroups: ["cert-manager.io"]
   resources: ["certificates"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 # Events on DerpRegions (kube-runtime's Recorder creates, then patches repeats into a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
