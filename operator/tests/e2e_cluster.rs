@@ -1,0 +1,701 @@
+//! End-to-end test of `operator run` on the real control plane of `tests/cluster` (etcd,
+//! kube-apiserver, controller-manager, scheduler, kwok nodes): one scenario, in order, on a fresh
+//! rig, printing what it measures (map-update delays, write counts, `kubectl get derpregions`).
+//!
+//! Uses a running rig when `DERP_FLEET_RIG_STATE` names its state dir (`tests/cluster/up
+//! --state DIR`); otherwise builds (cached) and starts one and stops it at the end. Fails with
+//! "rig not available" when the rig cannot be built or started; there is no fake API server.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed step panics with its cause
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const NS: &str = "derp";
+/// NotReady grace given to the operator: short, so the test measures the pipeline on top of it.
+const GRACE: Duration = Duration::from_secs(1);
+/// Bound of every wait in the scenario: the rig is a busy 2-core machine shared with builds.
+const WAIT: Duration = Duration::from_secs(90);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The rig: its env (KUBECONFIG, PATH with kubectl and rigctl) and whether we own it.
+struct Rig {
+    state: PathBuf,
+    env: Vec<(String, String)>,
+    owned: bool,
+    operators: Vec<Child>,
+    logs: Vec<PathBuf>,
+}
+
+impl Rig {
+    fn start() -> Rig {
+        if let Ok(state) = std::env::var("DERP_FLEET_RIG_STATE") {
+            let state = PathBuf::from(state);
+            return Rig {
+                env: read_env(&state),
+                state,
+                owned: false,
+                operators: vec![],
+                logs: vec![],
+            };
+        }
+        let cluster = repo_root().join("tests/cluster");
+        if !cluster.join("up").exists() {
+            panic!(
+                "rig not available: {} has no `up` script",
+                cluster.display()
+            );
+        }
+        let build = Command::new(cluster.join("build"))
+            .args(["k8s", "etcd", "kwok", "harness"])
+            .output()
+            .expect("running tests/cluster/build");
+        if !build.status.success() {
+            panic!(
+                "rig not available: tests/cluster/build failed:\n{}",
+                String::from_utf8_lossy(&build.stderr)
+            );
+        }
+        let base = std::env::temp_dir().join(format!("derp-fleet-op-e2e-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let up = Command::new(cluster.join("up"))
+            .arg("--state")
+            .arg(&base)
+            .args(["--no-certmanager", "--no-process-kubelet"])
+            .output()
+            .expect("running tests/cluster/up");
+        if !up.status.success() {
+            panic!(
+                "rig not available: tests/cluster/up failed:\n{}{}",
+                String::from_utf8_lossy(&up.stdout),
+                String::from_utf8_lossy(&up.stderr)
+            );
+        }
+        Rig {
+            env: read_env(&base),
+            state: base,
+            owned: true,
+            operators: vec![],
+            logs: vec![],
+        }
+    }
+
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(prog);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs a command of the rig; panics with its output on failure.
+    fn run(&self, prog: &str, args: &[&str]) -> String {
+        self.run_stdin(prog, args, None)
+    }
+
+    fn run_stdin(&self, prog: &str, args: &[&str], stdin: Option<&str>) -> String {
+        let mut c = self.cmd(prog);
+        c.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("{prog} {args:?}: {e}"));
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{prog} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.run("kubectl", args)
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.run_stdin("kubectl", &["apply", "-f", "-"], Some(yaml));
+    }
+
+    fn json(&self, args: &[&str]) -> Option<Value> {
+        let mut c = self.cmd("kubectl");
+        c.args(args).args(["-o", "json"]);
+        let out = c.output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Starts an operator replica; returns (index, map port).
+    fn start_operator(&mut self, identity: &str) -> (usize, u16) {
+        let port: u16 = self.run("rigctl", &["freeport"]).trim().parse().unwrap();
+        let log = self.state.join(format!("operator-{identity}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = self
+            .cmd(env!("CARGO_BIN_EXE_operator"))
+            .args([
+                "run",
+                "--map-addr",
+                &format!("127.0.0.1:{port}"),
+                "--not-ready-grace",
+                &format!("{}ms", GRACE.as_millis()),
+                "--derper-image",
+                "ghcr.io/derp-fleet/derper:e2e",
+            ])
+            .env("POD_NAME", identity)
+            .env("POD_NAMESPACE", "default")
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("starting the operator");
+        self.operators.push(child);
+        self.logs.push(log);
+        (self.operators.len() - 1, port)
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    fn stop_operator(&mut self, i: usize) -> std::process::ExitStatus {
+        let pid = self.operators[i].id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.operators[i].try_wait().unwrap() {
+                println!("operator {i} stopped on SIGTERM in {:?}", t0.elapsed());
+                return s;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = self.operators[i].kill();
+                panic!("operator {i} did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn dump_logs(&self) {
+        for l in &self.logs {
+            if let Ok(s) = std::fs::read_to_string(l) {
+                let tail: Vec<&str> = s.lines().rev().take(40).collect();
+                eprintln!("--- {} (last lines)", l.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for c in &mut self.operators {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.owned {
+            let _ = Command::new(repo_root().join("tests/cluster/down"))
+                .arg("--state")
+                .arg(&self.state)
+                .output();
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_dir_all(&self.state);
+            } else {
+                eprintln!("rig state and logs kept in {}", self.state.display());
+            }
+        }
+    }
+}
+
+fn read_env(state: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(state.join("env"))
+        .unwrap_or_else(|e| panic!("rig not available: {}: {e}", state.join("env").display()));
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(kv) = line.strip_prefix("export ") else {
+            continue;
+        };
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
+        let v = v.replace("$PATH", &std::env::var("PATH").unwrap_or_default());
+        out.push((k.to_string(), v));
+    }
+    out
+}
+
+/// One HTTP GET on 127.0.0.1: (status, headers, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_string(), body.to_string()))
+}
+
+/// The served map: (exact bytes, parsed).
+fn map(port: u16) -> Option<(String, Value)> {
+    let (status, _, body) = http_get(port, "/derpmap.json")?;
+    if status != 200 {
+        return None;
+    }
+    let v = serde_json::from_str(&body).ok()?;
+    Some((body, v))
+}
+
+/// DERP node names of region `id` in the served map.
+fn map_nodes(port: u16, id: u32) -> Option<Vec<String>> {
+    let (_, v) = map(port)?;
+    let nodes = v.pointer(&format!("/Regions/{id}/Nodes"))?.as_array()?;
+    Some(
+        nodes
+            .iter()
+            .filter_map(|n| n.get("Name")?.as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+fn metric(port: u16, name: &str) -> Option<u64> {
+    let (_, _, body) = http_get(port, "/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Polls `f` every 20 ms until it returns Some, at most [`WAIT`]; returns the value and the time.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn condition(region: &Value, type_: &str) -> Option<(String, String)> {
+    region
+        .pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+fn region_yaml(name: &str, id: u32, code: &str, selector: &str, tls: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: derpfleet.io/v1alpha1\nkind: DerpRegion\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+         spec:\n  regionId: {id}\n  code: {code}\n  nodeSelector: {{derp-fleet.test/role: {selector}}}\n  \
+         tls: {tls}\n  bindToNodeIP: true\n  \
+         ports: {{derpPort: 8443, stunPort: 3478, httpPort: -1, metricsPort: 9731}}\n{extra}"
+    )
+}
+
+/// `resourceVersion` of every object the operator writes in the namespace (and the map
+/// ConfigMap), and `generation` of the DaemonSets (whose status the DaemonSet controller writes).
+fn our_versions(rig: &Rig) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for kind in ["secrets", "configmaps", "derpregions", "daemonsets"] {
+        let list = rig.json(&["-n", NS, "get", kind]).unwrap();
+        for item in list["items"].as_array().unwrap() {
+            let name = item["metadata"]["name"].as_str().unwrap_or_default();
+            if kind == "configmaps" && name == "kube-root-ca.crt" {
+                continue;
+            }
+            let field = if kind == "daemonsets" {
+                item["metadata"]["generation"].to_string()
+            } else {
+                item["metadata"]["resourceVersion"].to_string()
+            };
+            out.push((format!("{kind}/{name}"), field));
+        }
+    }
+    let cm = rig
+        .json(&["-n", "default", "get", "configmap", "derp-map"])
+        .unwrap();
+    out.push((
+        "default/configmap/derp-map".into(),
+        cm["metadata"]["resourceVersion"].to_string(),
+    ));
+    out.sort();
+    out
+}
+
+#[test]
+fn operator_on_real_control_plane() {
+    let t_all = Instant::now();
+    let mut rig = Rig::start();
+    let crd = repo_root().join("crds/derpregions.derpfleet.io.yaml");
+    rig.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+    rig.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/derpregions.derpfleet.io",
+    ]);
+    rig.kubectl(&["create", "namespace", NS]);
+    rig.run(
+        "rigctl",
+        &[
+            "create-nodes",
+            "--count",
+            "3",
+            "--prefix",
+            "e2e-derp-",
+            "--first-ip",
+            "127.0.1.1",
+            "--label",
+            "derp-fleet.test/role=derp",
+        ],
+    );
+
+    // kwok initialises new nodes within a few seconds; the DaemonSet waits for that.
+    rig.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "node",
+        "-l",
+        "derp-fleet.test/role=derp",
+        "--timeout=60s",
+    ]);
+
+    // --- one replica; a 3-node self-signed region
+    let (a, port_a) = rig.start_operator("op-a");
+    let (_, d) = wait_for("op-a ready (caches synced, first map built)", || {
+        let ok = http_get(port_a, "/readyz")?.0 == 200
+            && metric(port_a, "derpfleet_operator_leader")? == 1;
+        ok.then_some(())
+    });
+    println!("operator start -> ready and leading: {d:?}");
+    let home = region_yaml("home", 900, "home", "derp", "{selfSigned: {}}", "");
+    let t0 = Instant::now();
+    rig.apply(&home);
+    let (nodes, _) = wait_for("map with 3 nodes", || {
+        map_nodes(port_a, 900).filter(|n| n.len() == 3)
+    });
+    println!(
+        "region applied -> map with 3 nodes: {:?} ({nodes:?})",
+        t0.elapsed()
+    );
+    let (_, d) = wait_for("DaemonSet with 3 ready pods", || {
+        let ds = rig.json(&["-n", NS, "get", "ds", "home-derper"])?;
+        (ds.pointer("/status/numberReady")?.as_i64()? == 3).then_some(())
+    });
+    println!("region applied -> DaemonSet with 3 Ready pods: {d:?}");
+    for (kind, name) in [
+        ("secret", "home-derper-mesh-key"),
+        ("secret", "home-derper-tls"),
+        ("configmap", "home-derper-mesh-peers"),
+    ] {
+        assert!(
+            rig.json(&["-n", NS, "get", kind, name]).is_some(),
+            "{kind}/{name} missing"
+        );
+    }
+    let peers = rig
+        .json(&["-n", NS, "get", "configmap", "home-derper-mesh-peers"])
+        .unwrap();
+    let peers = peers["data"]["peers"].as_str().unwrap().to_string();
+    for ip in ["127.0.1.1:8443", "127.0.1.2:8443", "127.0.1.3:8443"] {
+        assert!(peers.contains(ip), "mesh peers lack {ip}: {peers}");
+    }
+    let ds = rig.json(&["-n", NS, "get", "ds", "home-derper"]).unwrap();
+    let args = ds
+        .pointer("/spec/template/spec/containers/0/args")
+        .unwrap()
+        .to_string();
+    assert!(
+        !args.contains("mesh-ca-file"),
+        "self-signed region must not pass --mesh-ca-file: {args}"
+    );
+    assert!(args.contains("--mesh-with-file"), "{args}");
+    let (_, _) = wait_for("status Ready=True, 3/3", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "home"])?;
+        let ok = condition(&r, "Ready")? == ("True".into(), "Published".into())
+            && r.pointer("/status/nodesReady")?.as_str()? == "3/3"
+            && r.pointer("/status/observedGeneration") == r.pointer("/metadata/generation");
+        ok.then_some(())
+    });
+    let (body, _) = map(port_a).unwrap();
+    assert!(
+        body.contains("sha256-raw:"),
+        "self-signed region is pinned: {body}"
+    );
+    let cm = rig
+        .json(&["-n", "default", "get", "configmap", "derp-map"])
+        .unwrap();
+    assert_eq!(cm["data"]["derpmap.json"].as_str(), Some(body.as_str()));
+    assert!(
+        cm["data"]["derp.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("regionid: 900")
+    );
+
+    // --- a pod turns NotReady: its node leaves the map after the grace
+    let pods = rig
+        .json(&["-n", NS, "get", "pods", "-l", "derpfleet.io/region=home"])
+        .unwrap();
+    let pod = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["spec"]["nodeName"] == "e2e-derp-1")
+        .expect("pod on e2e-derp-1");
+    let pod_name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    rig.run("rigctl", &["pod-ready", NS, &pod_name, "false"]);
+    wait_for("e2e-derp-1 to leave the map", || {
+        map_nodes(port_a, 900).filter(|n| !n.contains(&"900-e2e-derp-1".to_string()))
+    });
+    // From before `rigctl pod-ready` (a Go process start) to the map without the node.
+    let delay = t0.elapsed();
+    let seen = k8s_openapi::jiff::Timestamp::now();
+    let pod_now = rig.json(&["-n", NS, "get", "pod", &pod_name]).unwrap();
+    let since: k8s_openapi::jiff::Timestamp = pod_now["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .and_then(|c| c["lastTransitionTime"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let grace_end = since
+        .checked_add(k8s_openapi::jiff::SignedDuration::try_from(GRACE).unwrap())
+        .unwrap();
+    println!(
+        "MEASURED map updated {} ms after the NotReady grace ended (pipeline: watch event, \
+         grace timer, rebuild, publish, HTTP poll every 20 ms)",
+        seen.as_millisecond() - grace_end.as_millisecond()
+    );
+    println!(
+        "MEASURED pod NotReady -> node out of the map: {delay:?} (grace {GRACE:?}; the pod's \
+         transition time has whole seconds, so the grace ends up to 1 s early)"
+    );
+    assert!(
+        delay < GRACE + Duration::from_millis(1500),
+        "took {delay:?}"
+    );
+    wait_for("status 2/3", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "home"])?;
+        (r.pointer("/status/nodesReady")?.as_str()? == "2/3").then_some(())
+    });
+    // Back to Ready: back in the map.
+    let t0 = Instant::now();
+    rig.run("rigctl", &["pod-ready", NS, &pod_name, "true"]);
+    wait_for("e2e-derp-1 back in the map", || {
+        map_nodes(port_a, 900).filter(|n| n.len() == 3)
+    });
+    println!(
+        "MEASURED pod Ready -> node back in the map: {:?}",
+        t0.elapsed()
+    );
+
+    // --- a node is deleted: gone from the map and from the mesh peers
+    let t0 = Instant::now();
+    rig.run("rigctl", &["delete-node", "e2e-derp-2", "--force-pods"]);
+    wait_for("e2e-derp-2 to leave the map", || {
+        map_nodes(port_a, 900).filter(|n| n == &["900-e2e-derp-0", "900-e2e-derp-1"])
+    });
+    println!(
+        "MEASURED node deleted -> out of the map: {:?}",
+        t0.elapsed()
+    );
+    wait_for("mesh peers without the deleted node", || {
+        let cm = rig.json(&["-n", NS, "get", "configmap", "home-derper-mesh-peers"])?;
+        (!cm["data"]["peers"].as_str()?.contains("127.0.1.3")).then_some(())
+    });
+
+    // --- the spec changes: the DaemonSet template follows
+    let changed = region_yaml(
+        "home",
+        900,
+        "home",
+        "derp",
+        "{selfSigned: {}}",
+        "  extraArgs: [\"--max-connections=5000\"]\n",
+    );
+    let t0 = Instant::now();
+    rig.apply(&changed);
+    wait_for("DaemonSet template with the new argument", || {
+        let ds = rig.json(&["-n", NS, "get", "ds", "home-derper"])?;
+        ds.pointer("/spec/template/spec/containers/0/args")?
+            .to_string()
+            .contains("--max-connections=5000")
+            .then_some(())
+    });
+    println!(
+        "spec change -> DaemonSet template changed: {:?}",
+        t0.elapsed()
+    );
+
+    // --- a second region with the same id: Conflict, left out
+    rig.apply(&region_yaml(
+        "dup",
+        900,
+        "dup",
+        "nowhere",
+        "{selfSigned: {}}",
+        "",
+    ));
+    wait_for("dup: Conflict=True", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "dup"])?;
+        (condition(&r, "Conflict")? == ("True".into(), "RegionIDTaken".into())).then_some(())
+    });
+    let (_, v) = map(port_a).unwrap();
+    assert_eq!(v["Regions"]["900"]["RegionCode"], "home");
+
+    // --- cert-manager is not installed: a clear condition and Event, not a crash loop
+    rig.apply(&region_yaml(
+        "acme",
+        901,
+        "acme",
+        "derp",
+        "{issuerRef: {name: letsencrypt, kind: ClusterIssuer}}",
+        "",
+    ));
+    wait_for("acme: CertificateReady=False CertManagerMissing", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "acme"])?;
+        (condition(&r, "CertificateReady")? == ("False".into(), "CertManagerMissing".into()))
+            .then_some(())
+    });
+    wait_for("CertManagerMissing Event", || {
+        let ev = rig.json(&["-n", NS, "get", "events.events.k8s.io"])?;
+        ev["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "CertManagerMissing")
+            .then_some(())
+    });
+    println!(
+        "kubectl get derpregions:\n{}",
+        rig.kubectl(&["-n", NS, "get", "derpregions"])
+    );
+
+    // --- restart: nothing churns
+    std::thread::sleep(Duration::from_secs(2)); // let the last status writes settle
+    let before = our_versions(&rig);
+    let writes_before = metric(port_a, "derpfleet_operator_apply_requests_total");
+    assert!(
+        rig.stop_operator(a).success(),
+        "operator exited with an error on SIGTERM"
+    );
+    println!("operator op-a before restart: apply requests {writes_before:?}");
+    let (a2, port_a2) = rig.start_operator("op-a");
+    wait_for(
+        "restarted replica: leader, map served, a reconcile done",
+        || {
+            let ok = metric(port_a2, "derpfleet_operator_leader")? == 1
+                && metric(port_a2, "derpfleet_operator_reconciles_total")? >= 3
+                && map_nodes(port_a2, 900)?.len() == 2;
+            ok.then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let reconciles = metric(port_a2, "derpfleet_operator_reconciles_total").unwrap();
+    let requests = metric(port_a2, "derpfleet_operator_apply_requests_total").unwrap();
+    let writes = metric(port_a2, "derpfleet_operator_writes_total").unwrap();
+    let events = metric(port_a2, "derpfleet_operator_events_total").unwrap();
+    let skipped = metric(port_a2, "derpfleet_operator_apply_skipped_total").unwrap();
+    let after = our_versions(&rig);
+    println!(
+        "MEASURED restart: {reconciles} reconciles, {requests} write requests, {writes} writes, \
+         {events} events, {skipped} applies skipped as unchanged; resourceVersions of {} objects \
+         unchanged: {}",
+        before.len(),
+        before == after
+    );
+    assert_eq!(before, after, "objects changed across a restart");
+    assert_eq!((requests, writes, events), (0, 0, 0));
+
+    // --- two replicas: one leader, both serve the same bytes
+    let (_b, port_b) = rig.start_operator("op-b");
+    wait_for("op-b serving the map", || map(port_b));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(metric(port_a2, "derpfleet_operator_leader"), Some(1));
+    assert_eq!(metric(port_b, "derpfleet_operator_leader"), Some(0));
+    let (_, head_a, body_a) = http_get(port_a2, "/derpmap.json").unwrap();
+    let (_, head_b, body_b) = http_get(port_b, "/derpmap.json").unwrap();
+    assert_eq!(body_a, body_b, "replicas serve different maps");
+    let etag = |h: &str| {
+        h.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("etag:"))
+            .map(str::to_string)
+    };
+    assert_eq!(etag(&head_a), etag(&head_b));
+    assert_eq!(
+        metric(port_b, "derpfleet_operator_reconciles_total"),
+        Some(0)
+    );
+    println!(
+        "two replicas: op-a leads, op-b follows; same map bytes ({} B) and ETag",
+        body_a.len()
+    );
+
+    // --- the region is deleted: everything it owned is garbage-collected
+    let t0 = Instant::now();
+    rig.kubectl(&["-n", NS, "delete", "derpregion", "home", "--wait=false"]);
+    wait_for("home's objects to be garbage-collected", || {
+        let gone = [
+            "ds/home-derper",
+            "secret/home-derper-mesh-key",
+            "secret/home-derper-tls",
+            "configmap/home-derper-mesh-peers",
+        ]
+        .iter()
+        .all(|o| rig.json(&["-n", NS, "get", o]).is_none());
+        gone.then_some(())
+    });
+    println!("region deleted -> owned objects gone: {:?}", t0.elapsed());
+    // The loser of the id conflict now holds it (it has no node, so it is still not published).
+    wait_for("dup: Conflict=False", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "dup"])?;
+        (condition(&r, "Conflict")?.0 == "False").then_some(())
+    });
+    wait_for("map without region 900", || {
+        let (_, v) = map(port_a2)?;
+        v["Regions"].get("900").is_none().then_some(())
+    });
+
+    for i in 0..rig.operators.len() {
+        if rig.operators[i].try_wait().unwrap().is_none() {
+            assert!(rig.stop_operator(i).success());
+        }
+    }
+    let _ = a2;
+    println!("operator e2e done in {:?}", t_all.elapsed());
+}
