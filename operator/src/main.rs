@@ -136,6 +136,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Logs go to stderr, with colour codes only on a terminal (not in kubectl logs).
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME")
