@@ -1,0 +1,62 @@
+# Shared by run-short and run-long (sourced): installs cargo-fuzz when missing, builds every
+# target, writes the seed corpus, and runs one target with a summary line per target.
+# shellcheck shell=bash
+
+FUZZ_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$FUZZ_DIR" || exit 1
+# The fuzz crate is built with libFuzzer's instrumentation flags: its own target dir, outside
+# the checkout, so it never invalidates the workspace's cache.
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$HOME/.cache/derp-fleet/fuzz-target}
+# cargo fuzz passes -Z flags to rustc; the stable toolchain takes them with RUSTC_BOOTSTRAP.
+export RUSTC_BOOTSTRAP=1
+# ASan is possible (the stable toolchain ships its runtime) but needs a second full build; the
+# code under test forbids unsafe, so the default is libFuzzer's coverage guidance alone.
+SANITIZER=${FUZZ_SANITIZER:-none}
+CARGO_FUZZ_VERSION=0.13.2
+
+ensure_cargo_fuzz() {
+    if cargo fuzz --version >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
+    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+}
+
+build_all() {
+    cargo fuzz build -O --sanitizer "$SANITIZER"
+}
+
+targets() {
+    cargo fuzz list
+}
+
+PASSED=0
+FAILED=0
+# run_target NAME LOGFILE [libFuzzer flags...]: runs one target on its corpus, reports it.
+run_target() {
+    local t=$1 log=$2
+    shift 2
+    mkdir -p "corpus/$t" "artifacts/$t" "$(dirname "$log")"
+    local start=$SECONDS
+    cargo fuzz run -O --sanitizer "$SANITIZER" "$t" "corpus/$t" -- \
+        -artifact_prefix="artifacts/$t/" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        "$@" >"$log" 2>&1
+    local rc=$?
+    local runs rate
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+    rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+    if [ $rc -eq 0 ]; then
+        PASSED=$((PASSED + 1))
+        printf 'ok    %-20s %12s execs %9s exec/s %5ss\n' "$t" "${runs:-?}" "${rate:-?}" $((SECONDS - start))
+    else
+        FAILED=$((FAILED + 1))
+        printf 'FAIL  %-20s %12s execs %9s exec/s %5ss (exit %s, log %s)\n' "$t" "${runs:-?}" "${rate:-?}" $((SECONDS - start)) "$rc" "$log"
+        grep -E 'panicked|ERROR: libFuzzer|SUMMARY|Test unit written to|deadly signal|timeout' "$log" | head -8 | sed 's/^/      /'
+        local repro
+        repro=$(grep -o 'Test unit written to [^ ]*' "$log" | tail -1 | sed 's/Test unit written to //')
+        if [ -n "$repro" ]; then
+            echo "      reproducer: fuzz/$repro"
+            echo "      replay: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --sanitizer $SANITIZER $t $repro)"
+        fi
+    fi
+}

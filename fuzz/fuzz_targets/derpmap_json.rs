@@ -1,0 +1,19 @@
+//! DERP-map JSON as clients and the operator decode it (`tailcfg.DERPMap` field names), then
+//! every rendering we produce from it (compact and pretty JSON, Headscale YAML); the compact
+//! JSON must decode again.
+#![no_main]
+
+use derp_proto::derpmap::DerpMap;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(m) = serde_json::from_slice::<DerpMap>(data) else {
+        return;
+    };
+    let json = m.to_json();
+    let _ = m.to_json_pretty();
+    let _ = m.to_headscale_yaml();
+    let back: DerpMap = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("our own JSON {json} does not decode: {e}"));
+    assert_eq!(back.regions.len(), m.regions.len());
+});
