@@ -57,7 +57,7 @@ type kubelet struct {
 	configMaps cache.Indexer
 
 	mu      sync.Mutex
-	nodes   map[string]*ownedNode   // node name -> node
+	nodes   map[string]*ownedNode    // node name -> node
 	workers map[types.UID]*podWorker // pod uid -> worker
 	wg      sync.WaitGroup
 }
