@@ -1,0 +1,298 @@
+//! `derp-bench`: the load generator behind `bench/run` and `bench/soak`. Each subcommand
+//! measures one thing against one running server and prints a JSON object on stdout.
+
+mod hist;
+mod idle;
+mod load;
+mod procfs;
+mod soak;
+mod stun;
+mod tlsbase;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use derp_client::TlsTrust;
+
+#[derive(Parser)]
+#[command(
+    name = "derp-bench",
+    about = "DERP server load generator (JSON on stdout)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Target {
+    /// DERP URL, e.g. https://127.0.0.1:8443/derp
+    #[arg(long)]
+    url: String,
+    /// Certificate pin (sha256-raw:HEX); without it any certificate is accepted.
+    #[arg(long)]
+    pin: Option<String>,
+    /// The server's process id, for CPU time and memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+impl Target {
+    fn trust(&self) -> Result<TlsTrust> {
+        match &self.pin {
+            Some(p) => TlsTrust::from_sha256_raw(p).context("--pin"),
+            None => Ok(TlsTrust::Insecure),
+        }
+    }
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    let (num, mul) = match s.strip_suffix("ms") {
+        Some(n) => (n, 0.001),
+        None => match s.strip_suffix('m') {
+            Some(n) => (n, 60.0),
+            None => (s.strip_suffix('s').unwrap_or(s), 1.0),
+        },
+    };
+    num.parse::<f64>()
+        .map(|v| Duration::from_secs_f64(v * mul))
+        .map_err(|e| format!("{s:?}: {e} (use e.g. 500ms, 5s, 10m)"))
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Relay packets between client pairs; optional probe flow and STUN load in the same run.
+    Relay {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 4)]
+        pairs: usize,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 24)]
+        window: u64,
+        /// Total packets/s over all pairs (default: as fast as the window allows).
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, value_parser = secs, default_value = "1s")]
+        warmup: Duration,
+        #[arg(long, value_parser = secs, default_value = "5s")]
+        duration: Duration,
+        /// Also run derpprobe's queuing-delay probe: this many 260-byte packets per second.
+        #[arg(long)]
+        qd_rate: Option<f64>,
+        /// Also run a closed-loop STUN client against this address.
+        #[arg(long)]
+        stun: Option<SocketAddr>,
+        #[arg(long, default_value_t = 2)]
+        stun_sockets: usize,
+        #[arg(long, default_value_t = 8)]
+        stun_window: usize,
+    },
+    /// STUN only: closed-loop binding requests.
+    Stun {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        sockets: usize,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        #[arg(long, value_parser = secs, default_value = "1s")]
+        warmup: Duration,
+        #[arg(long, value_parser = secs, default_value = "5s")]
+        duration: Duration,
+    },
+    /// Connect idle clients in steps and read the server's RSS after each.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        /// Cumulative client counts, e.g. 1000,10000.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        steps: Vec<usize>,
+        #[arg(long, value_parser = secs, default_value = "3s")]
+        settle: Duration,
+    },
+    /// Plain TLS echo server (the baseline's server side); runs until killed.
+    TlsEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Plain TLS echo client: MB/s echoed through the server.
+    TlsEcho {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        #[arg(long, default_value_t = 1 << 20)]
+        window_bytes: usize,
+        #[arg(long, value_parser = secs, default_value = "1s")]
+        warmup: Duration,
+        #[arg(long, value_parser = secs, default_value = "5s")]
+        duration: Duration,
+    },
+    /// Clients connecting, relaying and leaving for a duration; samples into a CSV.
+    Soak {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        #[arg(long, value_parser = secs, default_value = "10m")]
+        duration: Duration,
+        #[arg(long, value_parser = secs, default_value = "5s")]
+        interval: Duration,
+        /// The server's --metrics-addr, for the derper_connections gauge.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long, value_parser = secs, default_value = "2s")]
+        min_life: Duration,
+        #[arg(long, value_parser = secs, default_value = "20s")]
+        max_life: Duration,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Relay {
+            target,
+            pairs,
+            size,
+            window,
+            rate,
+            warmup,
+            duration,
+            qd_rate,
+            stun,
+            stun_sockets,
+            stun_window,
+        } => {
+            let spec = load::LoadSpec {
+                url: target.url.clone(),
+                trust: target.trust()?,
+                warmup,
+                duration,
+                load: load::FlowSpec {
+                    pairs,
+                    size,
+                    window,
+                    rate_pps: rate,
+                    timeout: None,
+                },
+                // derpprobe: one pair, 260-byte packets on a ticker, 5 s packet timeout.
+                probe: qd_rate.map(|r| load::FlowSpec {
+                    pairs: 1,
+                    size: 260,
+                    window: 100_000,
+                    rate_pps: Some(r),
+                    timeout: Some(Duration::from_secs(5)),
+                }),
+                stun: stun.map(|addr| stun::StunSpec {
+                    addr,
+                    sockets: stun_sockets,
+                    window: stun_window,
+                }),
+                server_pid: target.server_pid,
+            };
+            print_json(&load::run(spec).await?)
+        }
+        Cmd::Stun {
+            addr,
+            sockets,
+            window,
+            warmup,
+            duration,
+        } => {
+            let t0 = tokio::time::Instant::now() + warmup;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let h = tokio::spawn(stun::run(
+                stun::StunSpec {
+                    addr,
+                    sockets,
+                    window,
+                },
+                t0,
+                t0 + duration,
+                stop.clone(),
+            ));
+            tokio::time::sleep_until(t0 + duration).await;
+            stop.cancel();
+            print_json(&h.await.context("STUN task")??)
+        }
+        Cmd::Idle {
+            target,
+            steps,
+            settle,
+        } => {
+            let pid = target.server_pid.context("idle needs --server-pid")?;
+            print_json(&idle::run(&target.url, &target.trust()?, &steps, pid, settle).await?)
+        }
+        Cmd::TlsEchoServer { listen, cert, key } => tlsbase::serve(listen, &cert, &key).await,
+        Cmd::TlsEcho {
+            addr,
+            conns,
+            window_bytes,
+            warmup,
+            duration,
+        } => print_json(&tlsbase::client(addr, conns, window_bytes, warmup, duration).await?),
+        Cmd::Soak {
+            target,
+            clients,
+            duration,
+            interval,
+            metrics,
+            csv,
+            min_life,
+            max_life,
+        } => {
+            let spec = soak::SoakSpec {
+                url: target.url.clone(),
+                trust: target.trust()?,
+                clients,
+                duration,
+                interval,
+                pid: target.server_pid.context("soak needs --server-pid")?,
+                metrics,
+                csv,
+                min_life,
+                max_life: max_life.max(min_life),
+            };
+            print_json(&soak::run(spec).await?)
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // One thread: the bench is pinned to one core, and a single-threaded runtime wastes nothing
+    // on work stealing.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("derp-bench: runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("derp-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The baseline a relay is measured against: a plain TLS echo over loopback. The server
+//! decrypts and re-encrypts every byte once, as a relay does, with the same rustls (ring)
+//! settings as our derper; nothing else (no framing, no routing).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: usize = 64 << 10;
+
+pub async fn serve(listen: SocketAddr, cert: &Path, key: &Path) -> Result<()> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .context("parsing certificate PEM")?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("server certificate")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let ln = TcpListener::bind(listen).await.context("binding")?;
+    eprintln!("tls-echo-server: listening on {}", ln.local_addr()?);
+    loop {
+        let (tcp, _) = ln.accept().await.context("accepting")?;
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(mut s) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if s.write_all(&buf[..n]).await.is_err() || s.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[derive(Debug)]
+struct AnyCert(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EchoResult {
+    pub conns: usize,
+    pub window_bytes: usize,
+    pub mb_per_s: f64,
+    pub cipher: String,
+}
+
+pub async fn client(
+    addr: SocketAddr,
+    conns: usize,
+    window_bytes: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<EchoResult> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let algs = provider.signature_verification_algorithms;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(algs)))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let mut streams = Vec::new();
+    let mut cipher = String::new();
+    for _ in 0..conns.max(1) {
+        let tcp = TcpStream::connect(addr).await.context("connecting")?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("127.0.0.1").context("server name")?;
+        let s = connector
+            .connect(name, tcp)
+            .await
+            .context("TLS handshake")?;
+        cipher = format!(
+            "{:?}",
+            s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite())
+        );
+        streams.push(s);
+    }
+    let t0 = Instant::now() + warmup;
+    let t1 = t0 + duration;
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for s in streams {
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let echoed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let progress = Arc::new(tokio::sync::Notify::new());
+        let (e2, p2, stop2) = (echoed.clone(), progress.clone(), stop.clone());
+        tokio::spawn(async move {
+            let chunk = vec![0x5au8; CHUNK];
+            let mut sent = 0usize;
+            loop {
+                if sent + CHUNK > e2.load(std::sync::atomic::Ordering::Relaxed) + window_bytes {
+                    tokio::select! {
+                        _ = stop2.cancelled() => return,
+                        _ = p2.notified() => continue,
+                    }
+                }
+                tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    r = wr.write_all(&chunk) => if r.is_err() { return },
+                }
+                sent += CHUNK;
+            }
+        });
+        let stop3 = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            let mut in_window = 0usize;
+            loop {
+                let n = tokio::select! {
+                    _ = stop3.cancelled() => return Ok::<usize, anyhow::Error>(in_window),
+                    r = rd.read(&mut buf) => r.context("reading echo")?,
+                };
+                if n == 0 {
+                    bail!("echo server closed");
+                }
+                let now = Instant::now();
+                if now >= t0 && now < t1 {
+                    in_window += n;
+                }
+                echoed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                progress.notify_one();
+            }
+        }));
+    }
+    tokio::time::sleep_until(t1).await;
+    stop.cancel();
+    let mut total = 0usize;
+    for t in tasks {
+        total += t.await.context("echo reader")??;
+    }
+    Ok(EchoResult {
+        conns,
+        window_bytes,
+        mb_per_s: total as f64 / duration.as_secs_f64() / 1e6,
+        cipher,
+    })
+}
