@@ -51,11 +51,18 @@ pub struct WriteCounters {
     pub skipped: AtomicU64,
     /// Kubernetes Events published.
     pub events: AtomicU64,
+    /// Delete requests for objects a region no longer renders (`prune.rs`).
+    pub deletes: AtomicU64,
 }
 
 impl WriteCounters {
     fn add(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a delete request.
+    pub fn count_delete(&self) {
+        Self::add(&self.deletes);
     }
 }
 

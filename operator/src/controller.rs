@@ -6,6 +6,7 @@
 //! serves.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,9 +29,12 @@ use crate::crd::{
     CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_READY, DerpRegion, DerpRegionStatus,
 };
 use crate::mapbuild::{MapOutput, RegionFacts, RegionKey};
+use crate::prune;
 use crate::render::{
     LABEL_REGION, RenderContext, certificate_name, mesh_key_secret_name, render, tls_secret_name,
 };
+use crate::select::plan_nodes;
+use crate::tls;
 
 /// A healthy region is looked at again this often even without events: a safety net for a
 /// missed watch event; it writes nothing when nothing changed.
@@ -284,7 +288,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
                 source,
             })?;
         match found {
-            Some(_) => CertState::new(true, "SecretFound", format!("using Secret {secret}")),
+            Some(found) => provided_secret_state(region, &nodes, secret, &found, now_unix),
             None => {
                 requeue = CERT_WAIT_RETRY;
                 CertState::new(
@@ -323,6 +327,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
     if !changed.is_empty() {
         info!(objects = ?changed, "applied");
     }
+    prune(ctx, region, ns).await?;
 
     // Status from the map task's facts (what /derpmap.json serves).
     let facts = ctx
@@ -360,6 +365,99 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         }
     }
     Ok(Action::requeue(requeue))
+}
+
+/// `CertificateReady` of a `tls.secretName` region: the Secret holds a certificate that is valid
+/// now and names every node's host (the DNS names with a hostname template, else the IPs).
+fn provided_secret_state(
+    region: &DerpRegion,
+    nodes: &[Node],
+    name: &str,
+    secret: &Secret,
+    now_unix: i64,
+) -> CertState {
+    let data = secret.data.as_ref();
+    let (Some(crt), Some(_)) = (
+        data.and_then(|d| d.get("tls.crt")),
+        data.and_then(|d| d.get("tls.key")),
+    ) else {
+        return CertState::new(
+            false,
+            "SecretInvalid",
+            format!("Secret {name} (tls.secretName) needs the keys tls.crt and tls.key"),
+        );
+    };
+    let mut sans = tls::Sans::default();
+    for p in plan_nodes(&region.spec, nodes)
+        .iter()
+        .filter(|p| p.has_address())
+    {
+        if region.spec.hostname_template.is_some() {
+            sans.dns.push(p.host_name.clone());
+        } else {
+            sans.ips.extend(p.ipv4.map(IpAddr::from));
+            sans.ips.extend(p.ipv6.map(IpAddr::from));
+        }
+    }
+    match tls::check_provided(&crt.0, &sans, now_unix) {
+        Ok(()) => CertState::new(
+            true,
+            "SecretFound",
+            format!(
+                "using Secret {name} ({}, valid for every selected node)",
+                tls::pin(&crt.0).unwrap_or_default()
+            ),
+        ),
+        Err(why) => CertState::new(
+            false,
+            "SecretInvalid",
+            format!("Secret {name} (tls.secretName): {why}"),
+        ),
+    }
+}
+
+/// Deletes the objects the region owns but no longer renders (see `prune.rs`), from the caches.
+async fn prune(ctx: &Context, region: &DerpRegion, ns: &str) -> Result<(), Error> {
+    let err = |what| move |source| Error::Kube { what, source };
+    let (st, c) = (&ctx.stores, &ctx.counters);
+    let client = || ctx.client.clone();
+    prune::prune_kind(
+        region,
+        prune::Kind::Secret,
+        &st.secrets,
+        &Api::namespaced(client(), ns),
+        c,
+    )
+    .await
+    .map_err(err("deleting a Secret the region no longer uses"))?;
+    let api = Api::namespaced(client(), ns);
+    prune::prune_kind(region, prune::Kind::ConfigMap, &st.configmaps, &api, c)
+        .await
+        .map_err(err("deleting a ConfigMap the region no longer uses"))?;
+    if ctx.cert_crd.load(Ordering::Relaxed) {
+        let api = Api::namespaced_with(client(), ns, &certificate_resource());
+        prune::prune_kind(region, prune::Kind::Certificate, &st.certificates, &api, c)
+            .await
+            .map_err(err("deleting a Certificate the region no longer uses"))?;
+    }
+    Ok(())
+}
+
+/// Regions whose `tls.secretName` names this Secret (same namespace).
+pub fn regions_for_secret(
+    regions: &Store<DerpRegion>,
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<DerpRegion>> {
+    regions
+        .state()
+        .iter()
+        .filter(|r| {
+            r.spec.tls.secret_name.as_deref() == Some(name)
+                && r.metadata.namespace.as_deref() == namespace
+        })
+        .map(|r| ObjectRef::from_obj(&**r))
+        .collect()
 }
 
 /// The Certificate's state, after applying it when cert-manager is installed. The bool asks
@@ -759,6 +857,70 @@ mod tests {
             reasons.contains(&"RegionConflict".to_string()),
             "{reasons:?}"
         );
+    }
+
+    #[test]
+    fn provided_secret_must_hold_a_cert_naming_every_node() {
+        use crate::testutil::node;
+        use k8s_openapi::ByteString;
+        let mut r = region("home", 900);
+        r.spec.tls.self_signed = None;
+        r.spec.tls.secret_name = Some("user-tls".into());
+        let nodes = [
+            node("a", &[("InternalIP", "10.0.0.1")]),
+            node("b", &[("InternalIP", "10.0.0.2")]),
+        ];
+        let now = 1_790_000_000;
+        let secret = |ips: &[&str]| {
+            let sans = tls::Sans {
+                dns: vec![],
+                ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            };
+            let ck = tls::generate(&sans, "user", now).unwrap();
+            Secret {
+                data: Some(
+                    [
+                        ("tls.crt".to_string(), ByteString(ck.cert_pem.into_bytes())),
+                        ("tls.key".to_string(), ByteString(ck.key_pem.into_bytes())),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            }
+        };
+        let ok = provided_secret_state(
+            &r,
+            &nodes,
+            "user-tls",
+            &secret(&["10.0.0.1", "10.0.0.2"]),
+            now,
+        );
+        assert!(ok.ready, "{ok:?}");
+        assert!(ok.message.contains("sha256-raw:"), "{ok:?}");
+        let short = provided_secret_state(&r, &nodes, "user-tls", &secret(&["10.0.0.1"]), now);
+        assert_eq!(
+            (short.ready, short.reason.as_str()),
+            (false, "SecretInvalid")
+        );
+        assert!(
+            short.message.contains("does not name 10.0.0.2"),
+            "{short:?}"
+        );
+        let empty = provided_secret_state(&r, &nodes, "user-tls", &Secret::default(), now);
+        assert!(empty.message.contains("tls.crt and tls.key"), "{empty:?}");
+        // With a hostname template the DNS names count, not the IPs.
+        r.spec.hostname_template = Some("{node}.derp.example.com".into());
+        let wild = tls::Sans {
+            dns: vec!["*.derp.example.com".into()],
+            ips: vec![],
+        };
+        let ck = tls::generate(&wild, "user", now).unwrap();
+        let mut s = secret(&[]);
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("tls.crt".into(), ByteString(ck.cert_pem.into_bytes()));
+        assert!(provided_secret_state(&r, &nodes, "user-tls", &s, now).ready);
     }
 
     #[test]

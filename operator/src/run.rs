@@ -17,6 +17,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{Api, DynamicObject};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, store::Writer};
@@ -128,6 +129,9 @@ fn operator_metrics(
              # HELP derpfleet_operator_events_total Kubernetes Events published.\n\
              # TYPE derpfleet_operator_events_total counter\n\
              derpfleet_operator_events_total {}\n\
+             # HELP derpfleet_operator_deletes_total Delete requests for objects a region no longer uses.\n\
+             # TYPE derpfleet_operator_deletes_total counter\n\
+             derpfleet_operator_deletes_total {}\n\
              # HELP derpfleet_map_builds_total Map rebuilds.\n\
              # TYPE derpfleet_map_builds_total counter\n\
              derpfleet_map_builds_total {}\n\
@@ -140,6 +144,7 @@ fn operator_metrics(
             l(&counters.changed),
             l(&counters.skipped),
             l(&counters.events),
+            l(&counters.deletes),
             l(&stats.builds),
             l(&stats.publications),
         )
@@ -232,6 +237,16 @@ pub async fn run(
         ds_w,
         changed.clone(),
     );
+    // Every Secret's metadata (no data is cached): a change of the Secret a region names in
+    // `tls.secretName` (created, replaced, renewed by someone else, deleted) reconciles it at
+    // once instead of on the next recheck. Our own Secrets come through `secrets_s` already.
+    let secrets_meta: Api<PartialObjectMeta<Secret>> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let provided_secrets_s = watcher(secrets_meta, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     // Certificates: watched once cert-manager's CRD exists (looked for every 30 s until then).
     let cert_crd = Arc::new(AtomicBool::new(false));
     let certs_s = {
@@ -352,6 +367,7 @@ pub async fn run(
     });
     let facts_changed = futures::stream::poll_fn(move |cx| trigger_rx.poll_recv(cx));
     let node_regions = regions_r.clone();
+    let secret_regions = regions_r.clone();
     let shutdown = cancel.clone();
     Controller::for_stream(regions_s, regions_r)
         .with_config(ControllerConfig::default().debounce(RECONCILE_DEBOUNCE))
@@ -363,6 +379,13 @@ pub async fn run(
             controller::regions_for_node(&node_regions, &n)
         })
         .watches_stream(pods_s, |p: Pod| controller::region_for_pod(&p))
+        .watches_stream(provided_secrets_s, move |s: PartialObjectMeta<Secret>| {
+            controller::regions_for_secret(
+                &secret_regions,
+                s.metadata.namespace.as_deref(),
+                s.metadata.name.as_deref().unwrap_or_default(),
+            )
+        })
         .reconcile_on(facts_changed)
         .reconcile_all_on(became_leader)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })

@@ -97,18 +97,8 @@ pub fn pin(cert_pem: &[u8]) -> Result<String, TlsError> {
     ))
 }
 
-/// Whether the certificate in `cert_pem` names everything in `sans` and stays valid for longer
-/// than [`RENEW_BEFORE_SECS`] after `now_unix`.
-pub fn covers(cert_pem: &[u8], sans: &Sans, now_unix: i64) -> bool {
-    let Ok(der) = leaf_der(cert_pem) else {
-        return false;
-    };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
-        return false;
-    };
-    if cert.validity().not_after.timestamp() - now_unix <= RENEW_BEFORE_SECS {
-        return false;
-    }
+/// The DNS names (lowercase) and IPs a certificate's SAN extension lists.
+fn san_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> (Vec<String>, Vec<IpAddr>) {
     let mut dns: Vec<String> = Vec::new();
     let mut ips: Vec<IpAddr> = Vec::new();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
@@ -128,10 +118,83 @@ pub fn covers(cert_pem: &[u8], sans: &Sans, now_unix: i64) -> bool {
             }
         }
     }
+    (dns, ips)
+}
+
+/// Whether the certificate in `cert_pem` names everything in `sans` and stays valid for longer
+/// than [`RENEW_BEFORE_SECS`] after `now_unix`.
+pub fn covers(cert_pem: &[u8], sans: &Sans, now_unix: i64) -> bool {
+    let Ok(der) = leaf_der(cert_pem) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return false;
+    };
+    if cert.validity().not_after.timestamp() - now_unix <= RENEW_BEFORE_SECS {
+        return false;
+    }
+    let (dns, ips) = san_names(&cert);
     sans.dns
         .iter()
         .all(|d| dns.contains(&d.to_ascii_lowercase()))
         && sans.ips.iter().all(|ip| ips.contains(ip))
+}
+
+/// Whether the SAN `pattern` matches `name` as a TLS client checks it: equal, or a `*.` wildcard
+/// standing for exactly one leftmost label.
+fn dns_matches(pattern: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(rest) => name
+            .split_once('.')
+            .is_some_and(|(label, tail)| !label.is_empty() && tail == rest),
+        None => pattern == name,
+    }
+}
+
+/// Checks a certificate someone else provides (`tls.secretName`): it parses, is valid at
+/// `now_unix`, and names every host of `sans` (wildcards allowed). The error says what is wrong,
+/// for the `CertificateReady` condition.
+pub fn check_provided(cert_pem: &[u8], sans: &Sans, now_unix: i64) -> Result<(), String> {
+    let der = leaf_der(cert_pem).map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("tls.crt is not an X.509 certificate: {e}"))?;
+    let validity = cert.validity();
+    if validity.not_after.timestamp() <= now_unix {
+        return Err(format!("the certificate expired at {}", validity.not_after));
+    }
+    if validity.not_before.timestamp() > now_unix {
+        return Err(format!(
+            "the certificate is not valid before {}",
+            validity.not_before
+        ));
+    }
+    let (dns, ips) = san_names(&cert);
+    let mut missing: Vec<String> = sans
+        .dns
+        .iter()
+        .filter(|d| !dns.iter().any(|p| dns_matches(p, d)))
+        .cloned()
+        .collect();
+    missing.extend(
+        sans.ips
+            .iter()
+            .filter(|ip| !ips.contains(ip))
+            .map(|ip| ip.to_string()),
+    );
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the certificate does not name {} (it names {})",
+            missing.join(", "),
+            dns.iter()
+                .cloned()
+                .chain(ips.iter().map(|i| i.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +233,36 @@ mod tests {
         assert_eq!(p.len(), "sha256-raw:".len() + 64);
         assert_eq!(p, p.to_lowercase());
         assert!(c.key_pem.contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn provided_certificate_checks_names_wildcards_and_dates() {
+        let wild = Sans {
+            dns: vec!["*.derp.example.com".into()],
+            ips: vec![],
+        };
+        let c = generate(&wild, "user", NOW).unwrap();
+        let need = |dns: &[&str]| Sans {
+            dns: dns.iter().map(|d| d.to_string()).collect(),
+            ips: vec![],
+        };
+        let pem = c.cert_pem.as_bytes();
+        assert_eq!(
+            check_provided(
+                pem,
+                &need(&["a.derp.example.com", "B.derp.example.com"]),
+                NOW
+            ),
+            Ok(())
+        );
+        let e = check_provided(pem, &need(&["a.b.derp.example.com"]), NOW).unwrap_err();
+        assert!(e.contains("does not name a.b.derp.example.com"), "{e}");
+        assert!(check_provided(pem, &need(&["derp.example.com"]), NOW).is_err());
+        let e = check_provided(pem, &need(&[]), NOW + CERT_LIFETIME_SECS + 1).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        let e = check_provided(c.cert_pem.as_bytes(), &sans(), NOW).unwrap_err();
+        assert!(e.contains("10.0.0.1"), "{e}");
+        assert!(check_provided(b"nope", &need(&[]), NOW).is_err());
     }
 
     #[test]

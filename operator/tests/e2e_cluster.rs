@@ -7,321 +7,18 @@
 //! "rig not available" when the rig cannot be built or started; there is no fake API server.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed step panics with its cause
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use common::{Rig, RigOptions, condition, http_get, map, map_nodes, metric, wait_for};
 
 const NS: &str = "derp";
 /// NotReady grace given to the operator: short, so the test measures the pipeline on top of it.
 const GRACE: Duration = Duration::from_secs(1);
-/// Bound of every wait in the scenario: the rig is a busy 2-core machine shared with builds.
-const WAIT: Duration = Duration::from_secs(90);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The rig: its env (KUBECONFIG, PATH with kubectl and rigctl) and whether we own it.
-struct Rig {
-    state: PathBuf,
-    env: Vec<(String, String)>,
-    owned: bool,
-    operators: Vec<Child>,
-    logs: Vec<PathBuf>,
-}
-
-impl Rig {
-    fn start() -> Rig {
-        if let Ok(state) = std::env::var("DERP_FLEET_RIG_STATE") {
-            let state = PathBuf::from(state);
-            return Rig {
-                env: read_env(&state),
-                state,
-                owned: false,
-                operators: vec![],
-                logs: vec![],
-            };
-        }
-        let cluster = repo_root().join("tests/cluster");
-        if !cluster.join("up").exists() {
-            panic!(
-                "rig not available: {} has no `up` script",
-                cluster.display()
-            );
-        }
-        let build = Command::new(cluster.join("build"))
-            .args(["k8s", "etcd", "kwok", "harness"])
-            .output()
-            .expect("running tests/cluster/build");
-        if !build.status.success() {
-            panic!(
-                "rig not available: tests/cluster/build failed:\n{}",
-                String::from_utf8_lossy(&build.stderr)
-            );
-        }
-        let base = std::env::temp_dir().join(format!("derp-fleet-op-e2e-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let up = Command::new(cluster.join("up"))
-            .arg("--state")
-            .arg(&base)
-            .args(["--no-certmanager", "--no-process-kubelet"])
-            .output()
-            .expect("running tests/cluster/up");
-        if !up.status.success() {
-            panic!(
-                "rig not available: tests/cluster/up failed:\n{}{}",
-                String::from_utf8_lossy(&up.stdout),
-                String::from_utf8_lossy(&up.stderr)
-            );
-        }
-        Rig {
-            env: read_env(&base),
-            state: base,
-            owned: true,
-            operators: vec![],
-            logs: vec![],
-        }
-    }
-
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(prog);
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        c
-    }
-
-    /// Runs a command of the rig; panics with its output on failure.
-    fn run(&self, prog: &str, args: &[&str]) -> String {
-        self.run_stdin(prog, args, None)
-    }
-
-    fn run_stdin(&self, prog: &str, args: &[&str], stdin: Option<&str>) -> String {
-        let mut c = self.cmd(prog);
-        c.args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("{prog} {args:?}: {e}"));
-        if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{prog} {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn kubectl(&self, args: &[&str]) -> String {
-        self.run("kubectl", args)
-    }
-
-    fn apply(&self, yaml: &str) {
-        self.run_stdin("kubectl", &["apply", "-f", "-"], Some(yaml));
-    }
-
-    fn json(&self, args: &[&str]) -> Option<Value> {
-        let mut c = self.cmd("kubectl");
-        c.args(args).args(["-o", "json"]);
-        let out = c.output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// Starts an operator replica; returns (index, map port).
-    fn start_operator(&mut self, identity: &str) -> (usize, u16) {
-        let port: u16 = self.run("rigctl", &["freeport"]).trim().parse().unwrap();
-        let log = self.state.join(format!("operator-{identity}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = self
-            .cmd(env!("CARGO_BIN_EXE_operator"))
-            .args([
-                "run",
-                "--map-addr",
-                &format!("127.0.0.1:{port}"),
-                "--not-ready-grace",
-                &format!("{}ms", GRACE.as_millis()),
-                "--derper-image",
-                "ghcr.io/derp-fleet/derper:e2e",
-            ])
-            .env("POD_NAME", identity)
-            .env("POD_NAMESPACE", "default")
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("starting the operator");
-        self.operators.push(child);
-        self.logs.push(log);
-        (self.operators.len() - 1, port)
-    }
-
-    /// SIGTERM, then wait (bounded) for a clean exit.
-    fn stop_operator(&mut self, i: usize) -> std::process::ExitStatus {
-        let pid = self.operators[i].id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.operators[i].try_wait().unwrap() {
-                println!("operator {i} stopped on SIGTERM in {:?}", t0.elapsed());
-                return s;
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                let _ = self.operators[i].kill();
-                panic!("operator {i} did not stop within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn dump_logs(&self) {
-        for l in &self.logs {
-            if let Ok(s) = std::fs::read_to_string(l) {
-                let tail: Vec<&str> = s.lines().rev().take(40).collect();
-                eprintln!("--- {} (last lines)", l.display());
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.dump_logs();
-        }
-        for c in &mut self.operators {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if self.owned {
-            let _ = Command::new(repo_root().join("tests/cluster/down"))
-                .arg("--state")
-                .arg(&self.state)
-                .output();
-            if !std::thread::panicking() {
-                let _ = std::fs::remove_dir_all(&self.state);
-            } else {
-                eprintln!("rig state and logs kept in {}", self.state.display());
-            }
-        }
-    }
-}
-
-fn read_env(state: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(state.join("env"))
-        .unwrap_or_else(|e| panic!("rig not available: {}: {e}", state.join("env").display()));
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(kv) = line.strip_prefix("export ") else {
-            continue;
-        };
-        let Some((k, v)) = kv.split_once('=') else {
-            continue;
-        };
-        let v = v.replace("$PATH", &std::env::var("PATH").unwrap_or_default());
-        out.push((k.to_string(), v));
-    }
-    out
-}
-
-/// One HTTP GET on 127.0.0.1: (status, headers, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, head.to_string(), body.to_string()))
-}
-
-/// The served map: (exact bytes, parsed).
-fn map(port: u16) -> Option<(String, Value)> {
-    let (status, _, body) = http_get(port, "/derpmap.json")?;
-    if status != 200 {
-        return None;
-    }
-    let v = serde_json::from_str(&body).ok()?;
-    Some((body, v))
-}
-
-/// DERP node names of region `id` in the served map.
-fn map_nodes(port: u16, id: u32) -> Option<Vec<String>> {
-    let (_, v) = map(port)?;
-    let nodes = v.pointer(&format!("/Regions/{id}/Nodes"))?.as_array()?;
-    Some(
-        nodes
-            .iter()
-            .filter_map(|n| n.get("Name")?.as_str().map(str::to_string))
-            .collect(),
-    )
-}
-
-fn metric(port: u16, name: &str) -> Option<u64> {
-    let (_, _, body) = http_get(port, "/metrics")?;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Polls `f` every 20 ms until it returns Some, at most [`WAIT`]; returns the value and the time.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, t0.elapsed());
-        }
-        assert!(
-            t0.elapsed() < WAIT,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn condition(region: &Value, type_: &str) -> Option<(String, String)> {
-    region
-        .pointer("/status/conditions")?
-        .as_array()?
-        .iter()
-        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-}
 
 fn region_yaml(name: &str, id: u32, code: &str, selector: &str, tls: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: derpfleet.io/v1alpha1\nkind: DerpRegion\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-         spec:\n  regionId: {id}\n  code: {code}\n  nodeSelector: {{derp-fleet.test/role: {selector}}}\n  \
-         tls: {tls}\n  bindToNodeIP: true\n  \
-         ports: {{derpPort: 8443, stunPort: 3478, httpPort: -1, metricsPort: 9731}}\n{extra}"
-    )
+    common::region_yaml(NS, name, id, code, selector, tls, extra)
 }
 
 /// `resourceVersion` of every object the operator writes in the namespace (and the map
@@ -357,43 +54,13 @@ fn our_versions(rig: &Rig) -> Vec<(String, String)> {
 #[test]
 fn operator_on_real_control_plane() {
     let t_all = Instant::now();
-    let mut rig = Rig::start();
-    let crd = repo_root().join("crds/derpregions.derpfleet.io.yaml");
-    rig.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    rig.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "crd/derpregions.derpfleet.io",
-    ]);
+    let mut rig = Rig::start(RigOptions::default());
+    rig.install_crd();
     rig.kubectl(&["create", "namespace", NS]);
-    rig.run(
-        "rigctl",
-        &[
-            "create-nodes",
-            "--count",
-            "3",
-            "--prefix",
-            "e2e-derp-",
-            "--first-ip",
-            "127.0.1.1",
-            "--label",
-            "derp-fleet.test/role=derp",
-        ],
-    );
-
-    // kwok initialises new nodes within a few seconds; the DaemonSet waits for that.
-    rig.kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "node",
-        "-l",
-        "derp-fleet.test/role=derp",
-        "--timeout=60s",
-    ]);
+    rig.create_nodes("e2e-derp-", 3, "127.0.1.1", "derp", false);
 
     // --- one replica; a 3-node self-signed region
-    let (a, port_a) = rig.start_operator("op-a");
+    let (a, port_a) = rig.start_operator("op-a", GRACE);
     let (_, d) = wait_for("op-a ready (caches synced, first map built)", || {
         let ok = http_get(port_a, "/readyz")?.0 == 200
             && metric(port_a, "derpfleet_operator_leader")? == 1;
@@ -615,7 +282,7 @@ fn operator_on_real_control_plane() {
         "operator exited with an error on SIGTERM"
     );
     println!("operator op-a before restart: apply requests {writes_before:?}");
-    let (a2, port_a2) = rig.start_operator("op-a");
+    let (a2, port_a2) = rig.start_operator("op-a", GRACE);
     wait_for(
         "restarted replica: leader, map served, a reconcile done",
         || {
@@ -631,6 +298,7 @@ fn operator_on_real_control_plane() {
     let writes = metric(port_a2, "derpfleet_operator_writes_total").unwrap();
     let events = metric(port_a2, "derpfleet_operator_events_total").unwrap();
     let skipped = metric(port_a2, "derpfleet_operator_apply_skipped_total").unwrap();
+    let deletes = metric(port_a2, "derpfleet_operator_deletes_total").unwrap();
     let after = our_versions(&rig);
     println!(
         "MEASURED restart: {reconciles} reconciles, {requests} write requests, {writes} writes, \
@@ -640,10 +308,10 @@ fn operator_on_real_control_plane() {
         before == after
     );
     assert_eq!(before, after, "objects changed across a restart");
-    assert_eq!((requests, writes, events), (0, 0, 0));
+    assert_eq!((requests, writes, events, deletes), (0, 0, 0, 0));
 
     // --- two replicas: one leader, both serve the same bytes
-    let (_b, port_b) = rig.start_operator("op-b");
+    let (_b, port_b) = rig.start_operator("op-b", GRACE);
     wait_for("op-b serving the map", || map(port_b));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(metric(port_a2, "derpfleet_operator_leader"), Some(1));
