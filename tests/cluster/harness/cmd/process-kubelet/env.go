@@ -251,30 +251,34 @@ func (w *podWorker) containerEnv(p *corev1.Pod, c *corev1.Container) (*envList, 
 
 // rewritePaths replaces a volume mount's path, where it stands as a whole
 // path prefix, with the host directory that backs it.
+// rewritePaths replaces each volume's mountPath in s by its host directory, in one pass over s
+// (longest mountPath first at each position), so a host path already written is never rewritten
+// again by a shorter mountPath such as /tmp.
 func rewritePaths(s string, mounts []hostMount) string {
-	for _, m := range mounts { // longest mountPath first
-		var b strings.Builder
-		rest := s
-		for {
-			i := strings.Index(rest, m.mountPath)
-			if i < 0 {
-				b.WriteString(rest)
-				break
+	var b strings.Builder
+	i := 0
+	for i < len(s) {
+		matched := false
+		if i == 0 || !isPathChar(s[i-1]) {
+			for _, m := range mounts { // longest mountPath first
+				if m.mountPath == "" || !strings.HasPrefix(s[i:], m.mountPath) {
+					continue
+				}
+				end := i + len(m.mountPath)
+				if end == len(s) || s[end] == '/' || !isPathChar(s[end]) {
+					b.WriteString(m.hostPath)
+					i = end
+					matched = true
+					break
+				}
 			}
-			end := i + len(m.mountPath)
-			before := i == 0 || !isPathChar(rest[i-1])
-			after := end == len(rest) || rest[end] == '/' || !isPathChar(rest[end])
-			b.WriteString(rest[:i])
-			if before && after {
-				b.WriteString(m.hostPath)
-			} else {
-				b.WriteString(m.mountPath)
-			}
-			rest = rest[end:]
 		}
-		s = b.String()
+		if !matched {
+			b.WriteByte(s[i])
+			i++
+		}
 	}
-	return s
+	return b.String()
 }
 
 func isPathChar(c byte) bool {

@@ -43,6 +43,11 @@ func TestRewritePaths(t *testing.T) {
 			t.Errorf("rewritePaths(%q) = %q, want %q", in, got, want)
 		}
 	}
+	// A host path already written must not be rewritten again by a shorter mount such as /tmp.
+	tmp := []hostMount{{"/etc/derp/tls", "/tmp/rig/pod/tls"}, {"/tmp", "/tmp/rig/pod/tmp"}}
+	if got, want := rewritePaths("--certdir=/etc/derp/tls --x=/tmp/a", tmp), "--certdir=/tmp/rig/pod/tls --x=/tmp/rig/pod/tmp/a"; got != want {
+		t.Errorf("rewritePaths with /tmp = %q, want %q", got, want)
+	}
 }
 
 func TestAtomicWrite(t *testing.T) {
