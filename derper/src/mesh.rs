@@ -144,13 +144,20 @@ struct TrustSource {
 impl TrustSource {
     fn get(&self) -> TlsTrust {
         if let Some(p) = &self.ca_file {
-            let loaded = std::fs::read(p)
-                .map_err(|e| e.to_string())
-                .and_then(|pem| TlsTrust::extra_ca_pem(&pem).map_err(|e| e.to_string()));
-            match loaded {
-                Ok(t) => return t,
+            match std::fs::read(p) {
+                Ok(pem) => match TlsTrust::extra_ca_pem(&pem) {
+                    Ok(t) => return t,
+                    Err(e) => {
+                        warn!(file = %p.display(), "--mesh-ca-file unusable ({e}); using the system roots")
+                    }
+                },
+                // A public-CA certificate from cert-manager comes without ca.crt: the system
+                // roots are the right trust then, so this is not worth a warning.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    debug!(file = %p.display(), "--mesh-ca-file absent; using the system roots")
+                }
                 Err(e) => {
-                    warn!(file = %p.display(), "--mesh-ca-file unusable ({e}); using the system roots")
+                    warn!(file = %p.display(), "--mesh-ca-file unreadable ({e}); using the system roots")
                 }
             }
         } else if let Some(pin) = self.own_pin.as_ref().and_then(|f| f()) {

@@ -445,6 +445,12 @@ pub fn derper_args(region: &DerpRegion) -> Vec<String> {
         // same Secret, and a derper whose certificate is self-signed pins it for its mesh peers
         // on its own. A CA path would not even work: the leaf is no CA, and path validation of
         // an IP-SAN leaf against itself fails.
+        // cert-manager writes the issuing CA as ca.crt for CA and SelfSigned issuers, so a
+        // private-CA region meshes without extra arguments; for public CAs (ACME) the file is
+        // absent and the derper uses the system roots, which already trust the peers.
+        if spec.tls.issuer_ref.is_some() {
+            args.push(format!("--mesh-ca-file={TLS_DIR}/ca.crt"));
+        }
     }
     args.extend(spec.extra_args.iter().cloned());
     args
@@ -775,6 +781,25 @@ mod tests {
         assert!(args.iter().any(|a| a.starts_with("--mesh-with-file=")));
         assert!(args.iter().any(|a| a.starts_with("-mesh-psk-file=")));
         assert!(!args.iter().any(|a| a.contains("mesh-ca-file")), "{args:?}");
+    }
+
+    #[test]
+    fn cert_manager_regions_trust_the_issuing_ca_for_mesh() {
+        let mut r = region("home", 900);
+        r.spec.tls = crate::crd::TlsSpec {
+            issuer_ref: Some(crate::crd::IssuerRef {
+                name: "ca".into(),
+                kind: crate::crd::IssuerKind::Issuer,
+                group: "cert-manager.io".into(),
+            }),
+            secret_name: None,
+            self_signed: None,
+        };
+        let args = derper_args(&r);
+        assert!(
+            args.contains(&format!("--mesh-ca-file={TLS_DIR}/ca.crt")),
+            "{args:?}"
+        );
     }
 
     #[test]
