@@ -6,7 +6,7 @@
 //! Two regions on the same two process nodes (different ports), both `bindToNodeIP`:
 //! - `cm` (910): hostname template `{node}.derp.test`, `tls.issuerRef` to a CA `Issuer`
 //!   (itself bootstrapped by a SelfSigned issuer), trusted by the clients via `SSL_CERT_FILE`;
-//!   the mesh verifies peers with the CA (`--mesh-ca-file` from the issued Secret's `ca.crt`).
+//!   the mesh verifies peers with the CA (the operator passes `--mesh-ca-file` for the issued Secret's `ca.crt`).
 //! - `ip` (911): self-signed, pinned in the map (`CertName: sha256-raw:...`).
 //!
 //! Checked: the Certificate's names, the issued Secret mounted and served, `CertificateReady`,
@@ -232,7 +232,7 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
         selector: "proc",
         tls: "{issuerRef: {name: derp-ca, kind: Issuer}}",
         ports: (8443, 3478, 9731),
-        extra: "  hostnameTemplate: \"{node}.derp.test\"\n  extraArgs: [\"--mesh-ca-file=/etc/derp/tls/ca.crt\"]\n",
+        extra: "  hostnameTemplate: \"{node}.derp.test\"\n",
     };
     let ip = RegionYaml {
         name: "ip",
