@@ -36,10 +36,11 @@ pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// frames are tiny, and Go clients never send unknown large frames, so anything above this is
 /// hostile and closes the connection instead of being buffered.
 pub const MAX_FRAME_BYTES: usize = MAX_PACKET_BYTES + 2 * KEY_LEN;
-/// Read buffer: starts small so idle connections stay cheap, grows for big packets.
-const READ_BUF_INITIAL: usize = 4 << 10;
-/// Write buffers above this are released after a burst, again for idle memory.
-const WRITE_BUF_KEEP: usize = 64 << 10;
+/// Read buffer: allocated only once bytes arrive (an idle connection holds none), sized for a
+/// TLS record's worth of plaintext, grown for big packets.
+const READ_BUF_INITIAL: usize = 16 << 10;
+/// An idle connection waits for its next bytes with this much stack instead of a read buffer.
+const FIRST_READ_BYTES: usize = 64;
 /// PeerGone(NotHere) limiter: burst 3, one per second, per connection (Go's numbers).
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -122,6 +123,16 @@ async fn read_frame<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max_len: impl Fn(u8) -> usize,
 ) -> Result<Option<(u8, Bytes)>, ConnError> {
+    if buf.is_empty() {
+        // Wait for data without a buffer; allocate one only when something arrived.
+        let mut first = [0u8; FIRST_READ_BYTES];
+        let n = rd.read(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.reserve(READ_BUF_INITIAL);
+        buf.extend_from_slice(&first[..n]);
+    }
     while buf.len() < HEADER_LEN {
         if buf.capacity() - buf.len() < HEADER_LEN {
             buf.reserve(READ_BUF_INITIAL);
@@ -202,7 +213,7 @@ impl DerpServer {
             Err(_) => return Err(self.handshake_failed(ConnError::Timeout("writing ServerKey"))),
         }
 
-        let mut rbuf = BytesMut::with_capacity(READ_BUF_INITIAL);
+        let mut rbuf = BytesMut::new();
         let (client_key, ci) = match timeout(step, self.read_client_info(&mut stream, &mut rbuf))
             .await
         {
@@ -313,7 +324,7 @@ impl DerpServer {
             version: i64::from(frame::PROTOCOL_VERSION),
             ..Default::default()
         };
-        let mut wbuf = Vec::with_capacity(READ_BUF_INITIAL);
+        let mut wbuf = Vec::with_capacity(256);
         let sent = match info::seal(&self.private_key, client_key, si.to_json().as_bytes()) {
             Ok(sealed) => {
                 frame::encode_server_info(&mut wbuf, &sealed);
@@ -330,7 +341,7 @@ impl DerpServer {
             self.registry.unregister(conn, &HashSet::new());
             return Err(e);
         }
-        wbuf.clear();
+        let wbuf = Vec::new();
 
         let (rd, wr) = tokio::io::split(stream);
         let mut reader = Reader {
@@ -387,9 +398,10 @@ impl Reader<'_> {
     async fn run<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Result<(), ConnError> {
         let is_mesh = self.conn.is_mesh;
         loop {
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * MAX_FRAME_BYTES {
-                // Give back a buffer that grew during a burst.
-                self.rbuf = BytesMut::with_capacity(READ_BUF_INITIAL);
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+                // Nothing buffered: let go of the allocation (packets still queued elsewhere keep
+                // their part alive) so an idle connection holds no read buffer.
+                self.rbuf = BytesMut::new();
             }
             let Some((typ, payload)) = read_frame(&mut rd, &mut self.rbuf, |t| {
                 if t == FrameType::ForwardPacket as u8 || t == FrameType::SendPacket as u8 {
@@ -578,10 +590,9 @@ impl Writer<'_> {
                 let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
                 return Ok(());
             }
-            self.wbuf.clear();
-            if self.wbuf.capacity() > WRITE_BUF_KEEP {
-                self.wbuf = Vec::new();
-            }
+            // Released after every write: an idle connection holds no write buffer, and the
+            // next batch allocates what it needs at once (fill_batch reserves).
+            self.wbuf = Vec::new();
             if !self.new_sources.is_empty() {
                 self.server
                     .registry
@@ -602,6 +613,11 @@ impl Writer<'_> {
         }
         let b = &mut self.batch;
         let w = &mut self.wbuf;
+        let frame_bytes = |q: &VecDeque<Packet>| -> usize {
+            q.iter().map(|p| HEADER_LEN + KEY_LEN + p.data.len()).sum()
+        };
+        // Control frames are small; 256 bytes covers the usual pong or PeerGone.
+        w.reserve(frame_bytes(&b.disco) + frame_bytes(&b.other) + 256);
         if let Some(p) = b.pong.take() {
             frame::encode_pong(w, &p);
         }

@@ -279,7 +279,10 @@ pub async fn serve_connection<S>(
             remote,
             not_ideal: head.ideal_node.as_deref().is_some_and(|v| !v.is_empty()),
         };
-        let rest = buf.split_off(head.head_len).freeze();
+        // What followed the head (a fast-start ClientInfo) is copied out so the head buffer is
+        // not kept alive for the connection's lifetime by the slice replayed in front of it.
+        let rest = Bytes::copy_from_slice(&buf[head.head_len..]);
+        buf.truncate(head.head_len);
         match head.derp_upgrade() {
             DerpUpgrade::Refused => {
                 if head.upgrade.as_deref().is_some_and(|u| !u.is_empty()) {
@@ -296,18 +299,27 @@ pub async fn serve_connection<S>(
                     derp_proto::frame::PROTOCOL_VERSION,
                     st.derp.public_key.untyped_hex()
                 );
+                drop(buf);
                 st.derp
                     .clone()
-                    .serve(Rewind::new(rest, stream), preamble.as_bytes(), meta)
+                    .serve(
+                        Box::new(Rewind::new(rest, stream)),
+                        preamble.as_bytes(),
+                        meta,
+                    )
                     .await;
             }
             DerpUpgrade::FastStart => {
+                drop(buf);
                 st.derp
                     .clone()
-                    .serve(Rewind::new(rest, stream), &[], meta)
+                    .serve(Box::new(Rewind::new(rest, stream)), &[], meta)
                     .await;
             }
-            DerpUpgrade::WebSocket => serve_websocket(st, buf.freeze(), rest, stream, meta).await,
+            // Boxed: its (tungstenite) state would otherwise size every connection's task.
+            DerpUpgrade::WebSocket => {
+                Box::pin(serve_websocket(st, buf.freeze(), rest, stream, meta)).await
+            }
         }
         return;
     }
@@ -317,8 +329,15 @@ pub async fn serve_connection<S>(
         .http_requests
         .get_or_create(&ReasonLabel { reason: "http" })
         .inc();
-    buf.truncate(buf.len());
-    let io = hyper_util::rt::TokioIo::new(Rewind::new(buf.freeze(), stream));
+    // Boxed like the WebSocket path: plain HTTP is rare and hyper's state is large.
+    Box::pin(serve_http(router, buf.freeze(), stream)).await;
+}
+
+async fn serve_http<S>(router: Router, head: Bytes, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(Rewind::new(head, stream));
     let svc = hyper_util::service::TowerToHyperService::new(router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
