@@ -48,7 +48,7 @@ struct Counters {
 pub struct Slope {
     pub name: &'static str,
     pub mean: f64,
-    /// Least-squares slope per minute over the steady part (after the first 10%).
+    /// Least-squares slope per minute over the steady part (after the ramp-up).
     pub per_minute: f64,
     /// Slope times the steady part's length, as a fraction of the mean.
     pub drift_fraction: f64,
@@ -59,6 +59,8 @@ pub struct SoakResult {
     pub clients: usize,
     pub seconds: f64,
     pub samples: usize,
+    /// Slopes use the samples from here on.
+    pub steady_from_s: f64,
     pub connects: u64,
     pub connect_errors: u64,
     pub packets_sent: u64,
@@ -180,8 +182,9 @@ async fn one_life(spec: &SoakSpec, c: &Counters, stop: &CancellationToken) -> Re
     Ok(())
 }
 
-fn slope(name: &'static str, xs: &[f64], ys: &[f64]) -> Slope {
-    let skip = xs.len() / 10;
+/// Least squares over the samples taken at or after `from_s` (the ramp-up is left out).
+fn slope(name: &'static str, xs: &[f64], ys: &[f64], from_s: f64) -> Slope {
+    let skip = xs.iter().take_while(|x| **x < from_s).count();
     let (xs, ys) = (&xs[skip..], &ys[skip..]);
     let n = xs.len() as f64;
     let mx = xs.iter().sum::<f64>() / n.max(1.0);
@@ -262,19 +265,22 @@ pub async fn run(spec: SoakSpec) -> Result<SoakResult> {
         None => None,
     };
     let t = &cols[0];
+    // Pairs start spread over one lifetime; the population is steady after about 1.5 of them.
+    let from = (spec.duration.as_secs_f64() / 10.0).max(spec.max_life.as_secs_f64() * 1.5);
     let mut slopes = vec![
-        slope("rss_kib", t, &cols[1]),
-        slope("fds", t, &cols[2]),
-        slope("threads", t, &cols[3]),
+        slope("rss_kib", t, &cols[1], from),
+        slope("fds", t, &cols[2], from),
+        slope("threads", t, &cols[3], from),
     ];
     if cols[4].iter().all(|v| v.is_finite()) {
-        slopes.push(slope("derper_connections", t, &cols[4]));
+        slopes.push(slope("derper_connections", t, &cols[4], from));
     }
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
     Ok(SoakResult {
         clients: spec.clients,
         seconds: spec.duration.as_secs_f64(),
         samples: t.len(),
+        steady_from_s: from,
         connects: ld(&counters.connects),
         connect_errors: ld(&counters.connect_errors),
         packets_sent: ld(&counters.sent),

@@ -1,6 +1,6 @@
 //! The baseline a relay is measured against: a plain TLS echo over loopback. The server
 //! decrypts and re-encrypts every byte once, as a relay does, with the same rustls (ring)
-//! settings as our derper; nothing else (no framing, no routing).
+//! settings and write batching as our derper; nothing else (no framing, no routing).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,13 +28,18 @@ pub async fn serve(listen: SocketAddr, cert: &Path, key: &Path) -> Result<()> {
         .context("parsing certificate PEM")?;
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    // The same cipher choice as our derper (and Go's): AES-128-GCM first, server's order.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| !format!("{:?}", s.suite()).contains("AES_128_GCM"));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("TLS versions")?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("server certificate")?;
+    cfg.ignore_client_order = true;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let ln = TcpListener::bind(listen).await.context("binding")?;
     eprintln!("tls-echo-server: listening on {}", ln.local_addr()?);
@@ -43,19 +48,45 @@ pub async fn serve(listen: SocketAddr, cert: &Path, key: &Path) -> Result<()> {
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let Ok(mut s) = acceptor.accept(tcp).await else {
+            let Ok(s) = acceptor.accept(tcp).await else {
                 return;
             };
+            // Shaped like a relay connection: a reader appends to a pending buffer, a writer
+            // takes all of it per wake-up and writes it in one go (the derper's batching).
+            let (mut rd, mut wr) = tokio::io::split(s);
+            let pending = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let (p2, w2) = (pending.clone(), wake.clone());
+            let writer = tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    w2.notified().await;
+                    {
+                        let mut p = p2.lock().unwrap_or_else(|e| e.into_inner());
+                        std::mem::swap(&mut *p, &mut out);
+                    }
+                    if out.is_empty() {
+                        continue;
+                    }
+                    if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            });
             let mut buf = vec![0u8; CHUNK];
             loop {
-                let n = match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                if s.write_all(&buf[..n]).await.is_err() || s.flush().await.is_err() {
-                    return;
-                }
+                pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&buf[..n]);
+                wake.notify_one();
             }
+            writer.abort();
         });
     }
 }
