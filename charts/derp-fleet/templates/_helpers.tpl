@@ -92,8 +92,10 @@ or operator.watchNamespace in a Role). Each rule names the code that needs it.
   resources: ["derpregions/finalizers"]
   verbs: ["update"]
 # Server-side apply is a PATCH, and the API server also asks for create when the object does
-# not exist yet: every applied kind has create and patch (never update or delete: the garbage
-# collector removes owned objects with their DerpRegion).
+# not exist yet: every applied kind has create and patch (never update; the garbage collector
+# removes owned objects with their DerpRegion). delete only where the operator prunes an object
+# a region stopped needing (mesh turned off, TLS mode changed; controller.rs prune, uid
+# precondition, owned objects only).
 # The derpers (applied; watched by label).
 - apiGroups: ["apps"]
   resources: ["daemonsets"]
@@ -102,11 +104,11 @@ or operator.watchNamespace in a Role). Each rule names the code that needs it.
 # just-created Secret not yet in the cache are read with get.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Mesh peer lists (applied; watched by label).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Derper readiness, for the map (read only).
 - apiGroups: [""]
   resources: ["pods"]
@@ -114,7 +116,7 @@ or operator.watchNamespace in a Role). Each rule names the code that needs it.
 # cert-manager Certificates for regions with tls.issuerRef (applied; watched by label).
 - apiGroups: ["cert-manager.io"]
   resources: ["certificates"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Events on DerpRegions (kube-runtime's Recorder creates, then patches repeats into a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
