@@ -216,6 +216,12 @@ fn render(
         let more = parse_objects(&read(n)?).with_context(|| n.display().to_string())?;
         objs.nodes.extend(more.nodes);
     }
+    for s in &objs.skipped {
+        eprintln!(
+            "{}: skipping {s} (only DerpRegions and Nodes are rendered)",
+            file.display()
+        );
+    }
     if objs.regions.is_empty() {
         bail!("{}: no DerpRegion found", file.display());
     }

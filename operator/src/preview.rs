@@ -24,7 +24,7 @@ pub enum PreviewError {
         index: usize,
         source: serde_yaml::Error,
     },
-    #[error("YAML document {index}: kind {kind:?} is neither DerpRegion, Node nor List")]
+    #[error("YAML document {index} has no kind (expected DerpRegion, Node or a List of them)")]
     Kind { index: usize, kind: String },
     #[error(transparent)]
     Render(#[from] crate::render::RenderError),
@@ -37,6 +37,8 @@ pub enum PreviewError {
 pub struct Objects {
     pub regions: Vec<DerpRegion>,
     pub nodes: Vec<Node>,
+    /// Other kinds in the stream (a Namespace, an Issuer...), skipped: `kind name` each.
+    pub skipped: Vec<String>,
 }
 
 /// Parses every document of `text`; `kind: List` (as `kubectl get -o yaml` prints) is unpacked.
@@ -76,7 +78,16 @@ fn push_object(out: &mut Objects, v: serde_yaml::Value, index: usize) -> Result<
                 }
             }
         }
-        _ => return Err(PreviewError::Kind { index, kind }),
+        "" => return Err(PreviewError::Kind { index, kind }),
+        _ => {
+            // Example files carry their Namespace or Issuer; rendering needs only regions.
+            let name = v
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("?");
+            out.skipped.push(format!("{kind} {name}"));
+        }
     }
     Ok(())
 }
