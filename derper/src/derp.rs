@@ -41,6 +41,10 @@ pub const MAX_FRAME_BYTES: usize = MAX_PACKET_BYTES + 2 * KEY_LEN;
 const READ_BUF_INITIAL: usize = 16 << 10;
 /// An idle connection waits for its next bytes with this much stack instead of a read buffer.
 const FIRST_READ_BYTES: usize = 64;
+/// A kept read buffer with less room than this is topped up before the next read.
+const READ_BUF_MIN_SPARE: usize = 1 << 10;
+/// A write buffer that grew past this in a burst is not kept for the next batch.
+const WRITE_BUF_KEEP: usize = 256 << 10;
 /// PeerGone(NotHere) limiter: burst 3, one per second, per connection (Go's numbers).
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -343,6 +347,12 @@ impl DerpServer {
         }
         let wbuf = Vec::new();
 
+        // A client that goes quiet right after the handshake should hold no read buffer.
+        let rbuf = if rbuf.is_empty() {
+            BytesMut::new()
+        } else {
+            rbuf
+        };
         let (rd, wr) = tokio::io::split(stream);
         let mut reader = Reader {
             server: self,
@@ -399,9 +409,21 @@ impl Reader<'_> {
         let is_mesh = self.conn.is_mesh;
         loop {
             if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-                // Nothing buffered: let go of the allocation (packets still queued elsewhere keep
-                // their part alive) so an idle connection holds no read buffer.
-                self.rbuf = BytesMut::new();
+                // An active connection keeps its buffer (allocating per packet costs more than
+                // the bytes); the writer tells us when the connection has gone idle, and then
+                // the buffer goes, so idle connections hold none.
+                if self.rbuf.capacity() < READ_BUF_MIN_SPARE {
+                    self.rbuf.reserve(READ_BUF_INITIAL);
+                }
+                tokio::select! {
+                    biased;
+                    r = rd.read_buf(&mut self.rbuf) => {
+                        if r? == 0 {
+                            return Ok(());
+                        }
+                    }
+                    _ = self.conn.release_buffers.notified() => self.rbuf = BytesMut::new(),
+                }
             }
             let Some((typ, payload)) = read_frame(&mut rd, &mut self.rbuf, |t| {
                 if t == FrameType::ForwardPacket as u8 || t == FrameType::SendPacket as u8 {
@@ -416,6 +438,7 @@ impl Reader<'_> {
             else {
                 return Ok(());
             };
+            self.conn.frames_read.fetch_add(1, Ordering::Relaxed);
             if !is_mesh {
                 // Mesh peers are exempt, as in Go: they carry a whole region's traffic.
                 let pause = self
@@ -572,12 +595,25 @@ impl Writer<'_> {
         } else {
             self.server.config.write_timeout
         };
+        // Activity seen at the last keepalive, to tell when the connection went idle.
+        let mut last_reads = 0u64;
+        let mut wrote_since_tick = false;
         loop {
             tokio::select! {
                 _ = self.conn.wake.notified() => {}
-                _ = keepalive.tick() => frame::encode_keep_alive(&mut self.wbuf),
+                _ = keepalive.tick() => {
+                    let reads = self.conn.frames_read.load(Ordering::Relaxed);
+                    if reads == last_reads && !wrote_since_tick {
+                        // A whole keepalive period without traffic: give the buffers back.
+                        self.wbuf = Vec::new();
+                        self.conn.release_buffers.notify_one();
+                    }
+                    last_reads = reads;
+                    wrote_since_tick = false;
+                    frame::encode_keep_alive(&mut self.wbuf);
+                }
             }
-            self.fill_batch();
+            let had_traffic = self.fill_batch();
             if self.wbuf.is_empty() {
                 continue;
             }
@@ -590,9 +626,15 @@ impl Writer<'_> {
                 let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
                 return Ok(());
             }
-            // Released after every write: an idle connection holds no write buffer, and the
-            // next batch allocates what it needs at once (fill_batch reserves).
-            self.wbuf = Vec::new();
+            // Kept for the next batch while the connection is busy (released above once it is
+            // idle for a keepalive period, or now if a burst made it large).
+            if self.wbuf.capacity() > WRITE_BUF_KEEP {
+                self.wbuf = Vec::new();
+            } else {
+                self.wbuf.clear();
+            }
+            // Our own keepalives are not traffic.
+            wrote_since_tick |= had_traffic;
             if !self.new_sources.is_empty() {
                 self.server
                     .registry
@@ -602,12 +644,12 @@ impl Writer<'_> {
         }
     }
 
-    /// Moves everything queued into the write buffer as frames.
-    fn fill_batch(&mut self) {
+    /// Moves everything queued into the write buffer as frames; false if nothing was queued.
+    fn fill_batch(&mut self) -> bool {
         {
             let mut ob = self.conn.lock_outbox();
             if ob.is_empty() {
-                return;
+                return false;
             }
             std::mem::swap(&mut *ob, &mut self.batch);
         }
@@ -644,6 +686,7 @@ impl Writer<'_> {
             self.server.metrics.restarting_sent.inc();
             self.finish = true;
         }
+        true
     }
 }
 

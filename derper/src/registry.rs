@@ -79,6 +79,10 @@ pub struct ClientConn {
     pub cancel: CancellationToken,
     /// Whether this key has other connections: only then must reads take the registry lock.
     pub is_dup: AtomicBool,
+    /// Frames read so far; the writer compares it between keepalives to tell an idle connection.
+    pub frames_read: AtomicU64,
+    /// Asks the reader to let go of its read buffer (the connection went idle).
+    pub release_buffers: Notify,
     queue_depth: usize,
 }
 
@@ -103,6 +107,8 @@ impl ClientConn {
             closing: AtomicBool::new(false),
             cancel: parent.child_token(),
             is_dup: AtomicBool::new(false),
+            frames_read: AtomicU64::new(0),
+            release_buffers: Notify::new(),
             queue_depth: queue_depth.max(1),
         }
     }
