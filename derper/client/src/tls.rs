@@ -120,7 +120,9 @@ fn web_pki_roots() -> RootCertStore {
 
 /// Builds the rustls client config. `cert_name`, if set, is the DNS name the certificate must be
 /// valid for instead of the SNI (Go's `CertName` domain fronting; ignored for pins/insecure).
-pub(crate) fn client_config(
+/// Public so tools that speak plain TLS next to DERP (the benchmark's TLS baseline) trust
+/// servers exactly as the client does.
+pub fn client_config(
     trust: &TlsTrust,
     cert_name: Option<&str>,
 ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
