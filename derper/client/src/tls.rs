@@ -151,11 +151,11 @@ pub fn client_config(
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
         TlsTrust::WebPki => webpki(&[])?,
         TlsTrust::ExtraCa(extra) => webpki(extra)?,
-        TlsTrust::Pinned(sha256) => Arc::new(PinnedVerifier {
-            sha256: *sha256,
+        TlsTrust::Pinned(sha256) => Arc::new(ChainVerifier {
+            pin: Some(*sha256),
             algs,
         }),
-        TlsTrust::Insecure => Arc::new(InsecureVerifier { algs }),
+        TlsTrust::Insecure => Arc::new(ChainVerifier { pin: None, algs }),
     };
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -260,13 +260,17 @@ pub(crate) fn check_pinned_chain<'a>(
     }
 }
 
+/// The verifiers that skip CA paths: `sha256-raw:` pinning (`pin` set: exactly one non-metacert
+/// certificate with that hash, within its validity) and `InsecureForTests` (`pin` unset: any
+/// chain). Handshake signatures are verified either way, so the peer at least holds the key of
+/// the certificate it shows.
 #[derive(Debug)]
-struct PinnedVerifier {
-    sha256: [u8; 32],
+struct ChainVerifier {
+    pin: Option<[u8; 32]>,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinnedVerifier {
+impl ServerCertVerifier for ChainVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -275,56 +279,16 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let dns = matches!(server_name, ServerName::DnsName(_)).then_some(server_name);
-        check_pinned_chain(
-            std::iter::once(end_entity).chain(intermediates),
-            &self.sha256,
-            dns,
-            now,
-        )
-        .map_err(rustls::Error::General)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// `InsecureForTests`: accepts any chain. Signatures are still verified so the peer at least
-/// holds the key of the certificate it shows.
-#[derive(Debug)]
-struct InsecureVerifier {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for InsecureVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(pin) = &self.pin {
+            let dns = matches!(server_name, ServerName::DnsName(_)).then_some(server_name);
+            check_pinned_chain(
+                std::iter::once(end_entity).chain(intermediates),
+                pin,
+                dns,
+                now,
+            )
+            .map_err(rustls::Error::General)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
