@@ -19,14 +19,6 @@ fn key() -> MeshKey {
     MeshKey::from_bytes([0x42; 32])
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn meshed(port: u16, peers: &[u16], file: Option<std::path::PathBuf>) -> Config {
     let mut cfg = Config::for_tests();
     cfg.listen_port = port;

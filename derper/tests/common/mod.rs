@@ -11,6 +11,15 @@ use tokio_util::sync::CancellationToken;
 
 pub const T: Duration = Duration::from_secs(5);
 
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub async fn server(cfg: Config) -> ServerHandle {
     start(cfg, CancellationToken::new())
         .await
