@@ -222,11 +222,15 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
     } else {
         None
     };
+    // Only the nodes this region selects are copied: reconciles run concurrently, and copying
+    // every cached Node for each of them grew the operator to gigabytes at 1000 regions over
+    // 5000 nodes (bench/operator-scale).
     let nodes: Vec<Node> = ctx
         .stores
         .nodes
         .state()
         .iter()
+        .filter(|n| crate::select::selects(spec, n))
         .map(|n| (**n).clone())
         .collect();
     let mut r = region.clone();
