@@ -447,6 +447,60 @@ mod tests {
         assert!(parse_peer_file("ok\nbad/\n").is_err());
     }
 
+    fn trust(ca_file: Option<PathBuf>, own_pin: Option<&str>) -> TlsTrust {
+        let own_pin = own_pin.map(|p| {
+            let p = p.to_string();
+            Arc::new(move || Some(p.clone())) as PinSource
+        });
+        TrustSource { ca_file, own_pin }.get()
+    }
+
+    #[test]
+    fn mesh_trust_prefers_the_ca_file_and_falls_back_to_system_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_pem, _) = crate::certs::self_signed_for_ip("127.0.0.1".parse().unwrap()).unwrap();
+        let pin = format!("sha256-raw:{}", "ab".repeat(32));
+
+        // A readable CA file wins over our own pin.
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, &cert_pem).unwrap();
+        assert!(matches!(trust(Some(ca), Some(&pin)), TlsTrust::ExtraCa(c) if c.len() == 1));
+
+        // cert-manager with a public issuer writes no ca.crt: the system roots, not the pin
+        // (the peers' certificates are publicly trusted then).
+        let missing = dir.path().join("absent.crt");
+        assert!(matches!(trust(Some(missing), Some(&pin)), TlsTrust::WebPki));
+
+        // A file that holds no certificate is reported and ignored the same way.
+        let junk = dir.path().join("junk.crt");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        assert!(matches!(trust(Some(junk), None), TlsTrust::WebPki));
+
+        // A directory where the file should be: unreadable, still no panic and no trust in it.
+        assert!(matches!(
+            trust(Some(dir.path().to_path_buf()), None),
+            TlsTrust::WebPki
+        ));
+    }
+
+    #[test]
+    fn mesh_trust_without_a_ca_file_pins_our_own_self_signed_certificate() {
+        let pin = format!("sha256-raw:{}", "ab".repeat(32));
+        assert!(matches!(trust(None, Some(&pin)), TlsTrust::Pinned(h) if h == [0xab; 32]));
+        assert!(matches!(
+            trust(None, Some("sha256-raw:zz")),
+            TlsTrust::WebPki
+        ));
+        assert!(matches!(trust(None, None), TlsTrust::WebPki));
+        let no_pin: PinSource = Arc::new(|| None);
+        let t = TrustSource {
+            ca_file: None,
+            own_pin: Some(no_pin),
+        }
+        .get();
+        assert!(matches!(t, TlsTrust::WebPki));
+    }
+
     #[test]
     fn self_detection() {
         let me = |s: &str| is_self(&parse_peer(s).unwrap(), "derp1.example.com", 443);
