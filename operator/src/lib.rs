@@ -15,6 +15,7 @@ pub mod prune;
 pub mod render;
 pub mod run;
 pub mod select;
+pub mod slim;
 pub mod tls;
 
 #[cfg(test)]

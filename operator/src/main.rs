@@ -84,6 +84,10 @@ struct RunArgs {
     /// ConfigMap (in the operator namespace) the leader writes the map to; "" disables it.
     #[arg(long, env = "DERPFLEET_MAP_CONFIGMAP", default_value = "derp-map")]
     map_configmap: String,
+    /// Most regions reconciled at once (0: no limit). Bounds the operator's memory and its burst
+    /// of API requests when many regions change together (a cold start, winning the Lease).
+    #[arg(long, env = "DERPFLEET_RECONCILE_CONCURRENCY", default_value_t = 16)]
+    reconcile_concurrency: u16,
 }
 
 /// Parses `5s`, `500ms`, `1m`, or plain seconds.
@@ -168,6 +172,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         derper_image: args.derper_image,
         map_configmap: Some(args.map_configmap).filter(|n| !n.is_empty()),
+        reconcile_concurrency: args.reconcile_concurrency,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {

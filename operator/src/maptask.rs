@@ -35,6 +35,20 @@ const COALESCE: Duration = Duration::from_millis(20);
 /// A failed ConfigMap write is retried after this long (doubling up to 1 min).
 const CONFIGMAP_RETRY_MIN: Duration = Duration::from_secs(1);
 const CONFIGMAP_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The ConfigMap is written at most this often.
+const CONFIGMAP_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// The API server refuses a ConfigMap whose data exceeds 1 MiB (about 900 regions of 5 nodes
+/// with JSON and YAML together); such a write is not sent.
+pub const CONFIGMAP_MAX_DATA: usize = 1024 * 1024;
+
+/// What [`MapTask::write_configmap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfigMapWrite {
+    /// Written, or already up to date.
+    Done,
+    /// Not written: the data would be this many bytes, over [`CONFIGMAP_MAX_DATA`].
+    TooLarge(usize),
+}
 /// Slack after a grace deadline so the rebuild sees it passed (`now < until` is strict and the
 /// pod's transition time has whole seconds).
 const GRACE_SLACK: Duration = Duration::from_millis(5);
@@ -96,16 +110,13 @@ pub fn render_map_configmap(cm: &MapConfigMap, out: &MapOutput) -> ConfigMap {
 
 impl MapTask {
     fn build(&self, previously_published: &BTreeSet<String>) -> MapOutput {
-        let regions: Vec<DerpRegion> = clone_all(self.stores.regions.state());
-        let nodes: Vec<_> = clone_all(self.stores.nodes.state());
-        let pods: Vec<_> = clone_all(self.stores.pods.state());
-        let secrets: Vec<_> = clone_all(self.stores.secrets.state());
+        // The caches' own `Arc`s: a rebuild shares the objects instead of copying them.
         build_map(
             &MapInput {
-                regions: &regions,
-                nodes: &nodes,
-                pods: &pods,
-                secrets: &secrets,
+                regions: &self.stores.regions.state(),
+                nodes: &self.stores.nodes.state(),
+                pods: &self.stores.pods.state(),
+                secrets: &self.stores.secrets.state(),
                 previously_published,
                 now: Timestamp::now(),
             },
@@ -137,18 +148,33 @@ impl MapTask {
         let mut cm_known: Option<Option<serde_json::Value>> = None;
         let mut cm_retry = CONFIGMAP_RETRY_MIN;
         let mut cm_retry_at: Option<tokio::time::Instant> = None;
+        // ETag of the map the ConfigMap was last written with (by this replica, as leader).
+        let mut cm_written: Option<String> = None;
+        // Whether the last map was too large for a ConfigMap (warned once per episode).
+        let mut cm_too_large = false;
         loop {
             let out = self.build(&published);
             self.stats
                 .builds
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             published = out.published.clone();
-            let snap = MapSnapshot::new(&out.map);
+            // Most rebuilds change only facts (status), not the map: comparing the maps is much
+            // cheaper than serialising and hashing a megabyte of JSON to find that out.
+            let same_map = self
+                .output
+                .borrow()
+                .as_ref()
+                .is_some_and(|prev| prev.map == out.map);
+            let current = self.snapshot.borrow().clone();
+            let snap = match current {
+                Some(cur) if same_map => cur,
+                _ => Arc::new(MapSnapshot::new(&out.map)),
+            };
             let sent = self.snapshot.send_if_modified(|cur| {
                 if cur.as_ref().is_some_and(|c| c.json == snap.json) {
                     return false;
                 }
-                *cur = Some(Arc::new(snap.clone()));
+                *cur = Some(snap.clone());
                 true
             });
             if sent {
@@ -176,22 +202,48 @@ impl MapTask {
             let is_leader = *leader.borrow();
             if !is_leader {
                 cm_known = None;
+                cm_written = None;
             } else if let Some(cm) = &self.configmap
                 && cm_retry_at.is_none_or(|t| t <= tokio::time::Instant::now())
+                // Rendering and comparing the ConfigMap costs two serialisations of the whole
+                // map; most rebuilds (status-only changes) leave the map as it was written.
+                && cm_written.as_deref() != Some(snap.etag.as_str())
             {
                 match self.write_configmap(cm, &out, &mut cm_known).await {
-                    Ok(()) => {
+                    Ok(written) => {
+                        if let ConfigMapWrite::TooLarge(bytes) = written
+                            && !cm_too_large
+                        {
+                            warn!(
+                                bytes,
+                                limit = CONFIGMAP_MAX_DATA,
+                                "the map no longer fits the ConfigMap {}/{}; it keeps the last \
+                                 map that did (fetch /derpmap.json instead: Headscale derp.urls)",
+                                cm.namespace,
+                                cm.name
+                            );
+                        }
+                        cm_too_large = matches!(written, ConfigMapWrite::TooLarge(_));
                         cm_retry = CONFIGMAP_RETRY_MIN;
-                        cm_retry_at = None;
+                        cm_written = Some(snap.etag.clone());
+                        // At most one write per interval: a cold start changes the map many
+                        // times a second, and each write sends (and gets back) the whole map
+                        // twice. Mounted ConfigMaps reach pods only about once a minute anyway.
+                        cm_retry_at = Some(tokio::time::Instant::now() + CONFIGMAP_MIN_INTERVAL);
                     }
                     Err(e) => {
                         warn!(retry_in = ?cm_retry, "writing ConfigMap {}/{}: {e}", cm.namespace, cm.name);
                         cm_known = None;
+                        cm_written = None;
                         cm_retry_at = Some(tokio::time::Instant::now() + cm_retry);
                         cm_retry = (cm_retry * 2).min(CONFIGMAP_RETRY_MAX);
                     }
                 }
             }
+            // Wake for the ConfigMap only while it lags the map.
+            let cm_pending = is_leader
+                && self.configmap.is_some()
+                && cm_written.as_deref() != Some(snap.etag.as_str());
 
             let grace_end = next_rebuild.map(|t| {
                 let ms = t.as_millisecond() - Timestamp::now().as_millisecond();
@@ -199,7 +251,8 @@ impl MapTask {
                     + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
                     + GRACE_SLACK
             });
-            let wake = [grace_end, cm_retry_at].into_iter().flatten().min();
+            let cm_wake = cm_retry_at.filter(|_| cm_pending);
+            let wake = [grace_end, cm_wake].into_iter().flatten().min();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.changed.notified() => {
@@ -220,7 +273,17 @@ impl MapTask {
         cm: &MapConfigMap,
         out: &MapOutput,
         known: &mut Option<Option<serde_json::Value>>,
-    ) -> Result<(), crate::apply::ApplyError> {
+    ) -> Result<ConfigMapWrite, crate::apply::ApplyError> {
+        let want = render_map_configmap(cm, out);
+        let bytes: usize = want
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if bytes > CONFIGMAP_MAX_DATA {
+            return Ok(ConfigMapWrite::TooLarge(bytes));
+        }
         if known.is_none() {
             let have = cm
                 .api
@@ -241,7 +304,6 @@ impl MapTask {
                     })?,
             );
         }
-        let want = render_map_configmap(cm, out);
         let stamped = apply::stamp(serde_json::to_value(&want).map_err(|source| {
             apply::ApplyError::Serialize {
                 kind: "ConfigMap".into(),
@@ -251,7 +313,7 @@ impl MapTask {
         })?);
         let existing = known.as_ref().and_then(|k| k.as_ref());
         if !apply::needs_apply(&stamped, existing) {
-            return Ok(());
+            return Ok(ConfigMapWrite::Done);
         }
         apply::apply_value(
             &cm.api,
@@ -264,7 +326,7 @@ impl MapTask {
         .await?;
         // The stamped object is what the server now holds for our fields.
         *known = Some(Some(stamped));
-        Ok(())
+        Ok(ConfigMapWrite::Done)
     }
 }
 
@@ -286,10 +348,6 @@ where
             return r;
         }
     }
-}
-
-fn clone_all<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
-    v.iter().map(|o| (**o).clone()).collect()
 }
 
 async fn sleep_until_opt(t: Option<tokio::time::Instant>) {

@@ -3,6 +3,7 @@
 //! derper is Ready. Also what the golden tests under `tests/golden/` compare.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use derp_proto::derpmap::DerpMap;
 use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, PodSpec, PodStatus};
@@ -123,11 +124,13 @@ pub fn preview(
         .into_iter()
         .map(|p| ready_pod(region, &p.node_name))
         .collect();
-    let secrets: Vec<_> = rendered.tls_secret.iter().cloned().collect();
+    let secrets: Vec<_> = rendered.tls_secret.iter().cloned().map(Arc::new).collect();
+    let nodes: Vec<Arc<Node>> = nodes.iter().cloned().map(Arc::new).collect();
+    let pods: Vec<Arc<Pod>> = pods.into_iter().map(Arc::new).collect();
     let out = build_map(
         &MapInput {
-            regions: std::slice::from_ref(region),
-            nodes,
+            regions: &[Arc::new(region.clone())],
+            nodes: &nodes,
             pods: &pods,
             secrets: &secrets,
             previously_published: &BTreeSet::new(),

@@ -36,6 +36,7 @@ use crate::mapbuild::MapConfig;
 use crate::mapserver::{self, MapServerState};
 use crate::maptask::{MapConfigMap, MapStats, MapTask};
 use crate::render::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, MANAGER_NAME};
+use crate::slim;
 
 /// How often a missing cert-manager Certificate CRD is looked for again, so installing
 /// cert-manager later needs no operator restart.
@@ -59,6 +60,8 @@ pub struct RunConfig {
     pub derper_image: Option<String>,
     /// Name of the ConfigMap the leader writes the map to; `None` disables it.
     pub map_configmap: Option<String>,
+    /// Most regions reconciled at once (0: no limit).
+    pub reconcile_concurrency: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,23 +85,36 @@ where
     }
 }
 
-/// A reflector over `api`: the store is updated, then `changed` is signalled, then the event
-/// flows on (as the objects it touched) to the controller.
+/// A reflector over `api`: each object is slimmed (`slim`, before it is stored), the store is
+/// updated, then, if the event changed what the operator reads (see `slim::Fingerprint`: a Node
+/// heartbeat or a DaemonSet rollout counter does not), `changed` is signalled and the event flows
+/// on (as the objects it touched) to the controller.
 fn reflect<K>(
     api: Api<K>,
     wc: watcher::Config,
     writer: Writer<K>,
     changed: Arc<Notify>,
+    slim: fn(&mut K),
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource
+        + slim::Fingerprint
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
 {
-    watcher(api, wc)
-        .default_backoff()
-        .reflect(writer)
-        .inspect(move |_| changed.notify_one())
-        .touched_objects()
+    slim::only_changes(
+        watcher(api, wc)
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer),
+    )
+    .inspect(move |_| changed.notify_one())
+    .touched_objects()
 }
 
 /// Metrics text of the operator's own counters.
@@ -206,36 +222,42 @@ pub async fn run(
         watcher::Config::default(),
         regions_w,
         changed.clone(),
+        slim::other,
     );
     let nodes_s = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         nodes_w,
         changed.clone(),
+        slim::node,
     );
     let pods_s = reflect(
         api::<Pod>(&client, ns),
         watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_REGION}")),
         pods_w,
         changed.clone(),
+        slim::pod,
     );
     let secrets_s = reflect(
         api::<Secret>(&client, ns),
         watcher::Config::default().labels(&ours),
         secrets_w,
         changed.clone(),
+        slim::other,
     );
     let cms_s = reflect(
         api::<ConfigMap>(&client, ns),
         watcher::Config::default().labels(&ours),
         cms_w,
         changed.clone(),
+        slim::other,
     );
     let ds_s = reflect(
         api::<DaemonSet>(&client, ns),
         watcher::Config::default().labels(&ours),
         ds_w,
         changed.clone(),
+        slim::daemonset,
     );
     // Every Secret's metadata (no data is cached): a change of the Secret a region names in
     // `tls.secretName` (created, replaced, renewed by someone else, deleted) reconciles it at
@@ -276,6 +298,7 @@ pub async fn run(
             Some(
                 watcher(api, watcher::Config::default().labels(&ours))
                     .default_backoff()
+                    .modify(slim::other)
                     .reflect(certs_w)
                     .inspect(move |_| changed.notify_one())
                     .touched_objects(),
@@ -370,7 +393,11 @@ pub async fn run(
     let secret_regions = regions_r.clone();
     let shutdown = cancel.clone();
     Controller::for_stream(regions_s, regions_r)
-        .with_config(ControllerConfig::default().debounce(RECONCILE_DEBOUNCE))
+        .with_config(
+            ControllerConfig::default()
+                .debounce(RECONCILE_DEBOUNCE)
+                .concurrency(cfg.reconcile_concurrency),
+        )
         .owns_stream(ds_s)
         .owns_stream(secrets_s)
         .owns_stream(cms_s)

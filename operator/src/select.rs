@@ -7,6 +7,7 @@
 //! required node affinity. It predicts where derpers will run so certificates and mesh peers can
 //! be ready before the pods start; the map itself trusts only Ready pods.
 
+use std::borrow::Borrow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{
@@ -53,9 +54,10 @@ pub fn derp_node_name(region_id: i64, node_name: &str) -> String {
 }
 
 /// The nodes `spec` selects, planned, sorted by node name (the order of the map's `Nodes`).
-pub fn plan_nodes(spec: &DerpRegionSpec, nodes: &[Node]) -> Vec<NodePlan> {
+pub fn plan_nodes<N: Borrow<Node>>(spec: &DerpRegionSpec, nodes: &[N]) -> Vec<NodePlan> {
     let mut out: Vec<NodePlan> = nodes
         .iter()
+        .map(Borrow::borrow)
         .filter(|n| selects(spec, n))
         .map(|n| plan_node(spec, n))
         .collect();

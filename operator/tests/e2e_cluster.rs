@@ -121,10 +121,12 @@ fn operator_on_real_control_plane() {
         body.contains("sha256-raw:"),
         "self-signed region is pinned: {body}"
     );
-    let cm = rig
-        .json(&["-n", "default", "get", "configmap", "derp-map"])
-        .unwrap();
-    assert_eq!(cm["data"]["derpmap.json"].as_str(), Some(body.as_str()));
+    // The leader writes the ConfigMap at most every 5 s (a cold start changes the map many times
+    // a second), so it follows the served map within a few seconds.
+    let (cm, _) = wait_for("the derp-map ConfigMap holds the served map", || {
+        let cm = rig.json(&["-n", "default", "get", "configmap", "derp-map"])?;
+        (cm["data"]["derpmap.json"].as_str() == Some(body.as_str())).then_some(cm)
+    });
     assert!(
         cm["data"]["derp.yaml"]
             .as_str()
