@@ -79,6 +79,11 @@ pub struct LoadResult {
     pub server_cpu_s_per_gb: Option<f64>,
     /// Server CPU use over the window (1.0 = one core busy).
     pub server_cpu_util: Option<f64>,
+    /// This load generator's own CPU over the window: well under 1.0 while the server is not
+    /// busy either means other processes took the generator's core (a noisy run, not a result).
+    pub load_cpu_util: f64,
+    /// The generator's CPU seconds per GB relayed (its efficiency, independent of core sharing).
+    pub load_cpu_s_per_gb: Option<f64>,
 }
 
 pub fn client_config(url: &str, trust: &TlsTrust) -> ClientConfig {
@@ -350,11 +355,13 @@ pub async fn run(spec: LoadSpec) -> Result<LoadResult> {
         .clone()
         .map(|s| tokio::spawn(crate::stun::run(s, clock.t0, clock.t1, stop.clone())));
     tokio::time::sleep_until(clock.t0).await;
+    let own0 = crate::procfs::cpu_seconds(std::process::id())?;
     let cpu0 = spec
         .server_pid
         .map(crate::procfs::cpu_seconds)
         .transpose()?;
     tokio::time::sleep_until(clock.t1).await;
+    let own = crate::procfs::cpu_seconds(std::process::id())? - own0;
     let cpu1 = spec
         .server_pid
         .map(crate::procfs::cpu_seconds)
@@ -380,6 +387,8 @@ pub async fn run(spec: LoadSpec) -> Result<LoadResult> {
         server_cpu_s_per_gb: server_cpu_s.filter(|_| gb > 0.0).map(|c| c / gb),
         server_cpu_util: server_cpu_s.map(|c| c / secs),
         server_cpu_s,
+        load_cpu_util: own / secs,
+        load_cpu_s_per_gb: (gb > 0.0).then(|| own / gb),
         load,
         probe,
         stun,

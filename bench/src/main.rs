@@ -136,6 +136,9 @@ enum Cmd {
         warmup: Duration,
         #[arg(long, value_parser = secs, default_value = "5s")]
         duration: Duration,
+        /// The echo server's process id, for its CPU time from /proc.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Clients connecting, relaying and leaving for a duration; samples into a CSV.
     Soak {
@@ -246,7 +249,10 @@ async fn run(cli: Cli) -> Result<()> {
             window_bytes,
             warmup,
             duration,
-        } => print_json(&tlsbase::client(addr, conns, window_bytes, warmup, duration).await?),
+            server_pid,
+        } => print_json(
+            &tlsbase::client(addr, conns, window_bytes, warmup, duration, server_pid).await?,
+        ),
         Cmd::Soak {
             target,
             clients,

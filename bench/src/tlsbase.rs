@@ -94,6 +94,13 @@ pub struct EchoResult {
     pub window_bytes: usize,
     pub mb_per_s: f64,
     pub cipher: String,
+    /// The client's own CPU over the window (1.0 = its core busy) and per GB echoed, to
+    /// compare with the relay generator's `load_cpu_*`.
+    pub load_cpu_util: f64,
+    pub load_cpu_s_per_gb: Option<f64>,
+    /// The echo server's CPU over the window, when its pid is given.
+    pub server_cpu_util: Option<f64>,
+    pub server_cpu_s_per_gb: Option<f64>,
 }
 
 pub async fn client(
@@ -102,6 +109,7 @@ pub async fn client(
     window_bytes: usize,
     warmup: Duration,
     duration: Duration,
+    server_pid: Option<u32>,
 ) -> Result<EchoResult> {
     // The same trust code the DERP client uses (InsecureForTests: any certificate).
     let cfg = derp_client::tls::client_config(&derp_client::TlsTrust::Insecure, None)
@@ -170,16 +178,33 @@ pub async fn client(
             }
         }));
     }
+    let cpu = || -> Result<(f64, Option<f64>)> {
+        Ok((
+            crate::procfs::cpu_seconds(std::process::id())?,
+            server_pid.map(crate::procfs::cpu_seconds).transpose()?,
+        ))
+    };
+    tokio::time::sleep_until(t0).await;
+    let (own0, srv0) = cpu()?;
     tokio::time::sleep_until(t1).await;
+    let (own1, srv1) = cpu()?;
     stop.cancel();
     let mut total = 0usize;
     for t in tasks {
         total += t.await.context("echo reader")??;
     }
+    let secs = duration.as_secs_f64();
+    let gb = total as f64 / 1e9;
+    let per_gb = |s: f64| (gb > 0.0).then(|| s / gb);
+    let srv = srv0.zip(srv1).map(|(a, b)| b - a);
     Ok(EchoResult {
         conns,
         window_bytes,
-        mb_per_s: total as f64 / duration.as_secs_f64() / 1e6,
+        mb_per_s: total as f64 / secs / 1e6,
         cipher,
+        load_cpu_util: (own1 - own0) / secs,
+        load_cpu_s_per_gb: per_gb(own1 - own0),
+        server_cpu_util: srv.map(|s| s / secs),
+        server_cpu_s_per_gb: srv.and_then(per_gb),
     })
 }

@@ -3,6 +3,7 @@
 //! outbox in batches, flush, keepalives) running in the connection's single task.
 
 use std::collections::{HashSet, VecDeque};
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,8 +12,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use derp_proto::frame::{
     self, ClientToServer, FrameHeader, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES,
-    MAX_PACKET_BYTES, MIN_CLIENT_INFO_BYTES, PeerGoneReason, peer_flags,
+    MAX_PACKET_BYTES, MIN_CLIENT_INFO_BYTES, PACKET_HEAD_LEN, PeerGoneReason, peer_flags,
 };
+use derp_proto::gather;
 use derp_proto::info::{self, ClientInfo, ServerInfo};
 use derp_proto::key::{KEY_LEN, MeshKey, NodePrivate, NodePublic};
 use rand::Rng;
@@ -45,6 +47,15 @@ const FIRST_READ_BYTES: usize = 64;
 const READ_BUF_MIN_SPARE: usize = 1 << 10;
 /// A write buffer that grew past this in a burst is not kept for the next batch.
 const WRITE_BUF_KEEP: usize = 256 << 10;
+/// Packets at least this large are written from the reader's buffer they arrived in (a
+/// gathered write) instead of being copied into the write buffer behind their frame head;
+/// smaller ones are copied, as an iovec per small packet costs more than the copy.
+const GATHER_MIN_PACKET: usize = 2 << 10;
+/// Iovecs per gathered write: rustls takes at most its 64 KiB buffer limit per call.
+const MAX_IOVECS: usize = 16;
+/// A read buffer's capacity is reported to the buffer gauge when it moved by this much (one
+/// shared atomic per packet would be a contention point on a many-core server).
+const BUF_GAUGE_STEP: usize = 4 << 10;
 /// PeerGone(NotHere) limiter: burst 3, one per second, per connection (Go's numbers).
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -358,6 +369,7 @@ impl DerpServer {
             server: self,
             conn,
             rbuf,
+            held: HeldBytes::new(&self.metrics.connection_buffer_bytes),
             not_here_tokens: NOT_HERE_BURST,
             not_here_at: Instant::now(),
             preferred: false,
@@ -367,6 +379,11 @@ impl DerpServer {
             server: self,
             conn,
             wbuf,
+            segs: Vec::new(),
+            payloads: Vec::new(),
+            mark: 0,
+            held: HeldBytes::new(&self.metrics.connection_buffer_bytes),
+            idle: false,
             received_from: HashSet::new(),
             new_sources: Vec::new(),
             batch: Outbox::default(),
@@ -394,10 +411,41 @@ impl DerpServer {
     }
 }
 
+/// One buffer's share of the `connection_buffer_bytes` gauge; gives it back when dropped (the
+/// connection ended).
+struct HeldBytes<'a> {
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
+    held: usize,
+}
+
+impl<'a> HeldBytes<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        HeldBytes { gauge, held: 0 }
+    }
+
+    /// Reports `now` bytes held if it differs from the last report by `step` or more, or if
+    /// the buffer is gone (so idle connections always read as zero).
+    fn report(&mut self, now: usize, step: usize) {
+        if now.abs_diff(self.held) < step && !(now == 0 && self.held != 0) {
+            return;
+        }
+        let delta = now as i64 - self.held as i64;
+        self.gauge.inc_by(delta);
+        self.held = now;
+    }
+}
+
+impl Drop for HeldBytes<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.held as i64);
+    }
+}
+
 struct Reader<'a> {
     server: &'a Arc<DerpServer>,
     conn: &'a Arc<ClientConn>,
     rbuf: BytesMut,
+    held: HeldBytes<'a>,
     not_here_tokens: f64,
     not_here_at: Instant,
     preferred: bool,
@@ -422,7 +470,10 @@ impl Reader<'_> {
                             return Ok(());
                         }
                     }
-                    _ = self.conn.release_buffers.notified() => self.rbuf = BytesMut::new(),
+                    _ = self.conn.release_buffers.notified() => {
+                        self.rbuf = BytesMut::new();
+                        self.held.report(0, BUF_GAUGE_STEP);
+                    }
                 }
             }
             let Some((typ, payload)) = read_frame(&mut rd, &mut self.rbuf, |t| {
@@ -438,6 +489,7 @@ impl Reader<'_> {
             else {
                 return Ok(());
             };
+            self.held.report(self.rbuf.capacity(), BUF_GAUGE_STEP);
             self.conn.frames_read.fetch_add(1, Ordering::Relaxed);
             if !is_mesh {
                 // Mesh peers are exempt, as in Go: they carry a whole region's traffic.
@@ -576,6 +628,13 @@ struct Writer<'a> {
     server: &'a Arc<DerpServer>,
     conn: &'a Arc<ClientConn>,
     wbuf: Vec<u8>,
+    /// The batch being written as slices of `wbuf` and `payloads` (kept between batches).
+    segs: Vec<Seg>,
+    payloads: Vec<Bytes>,
+    mark: usize,
+    held: HeldBytes<'a>,
+    /// No traffic for a whole keepalive period: keepalives then leave no buffer behind.
+    idle: bool,
     /// Every source this connection has been sent a packet from (for PeerGone).
     received_from: HashSet<NodePublic>,
     new_sources: Vec<NodePublic>,
@@ -587,8 +646,11 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     async fn run<W: AsyncWrite + Unpin>(&mut self, mut wr: W) -> Result<(), ConnError> {
-        let period = self.server.config.keepalive_interval
-            + Duration::from_millis(rand::thread_rng().gen_range(0..KEEPALIVE_JITTER_MS));
+        // Go's jitter is up to 5 s on a 60 s period; a shorter period (tests) gets a
+        // proportionally shorter jitter so it stays a period of about that length.
+        let interval = self.server.config.keepalive_interval;
+        let jitter_ms = KEEPALIVE_JITTER_MS.min(interval.as_millis() as u64 / 12);
+        let period = interval + Duration::from_millis(rand::thread_rng().gen_range(0..=jitter_ms));
         let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
         let write_timeout = if self.conn.is_mesh {
             Some(MESH_WRITE_TIMEOUT)
@@ -606,6 +668,7 @@ impl Writer<'_> {
                     if reads == last_reads && !wrote_since_tick {
                         // A whole keepalive period without traffic: give the buffers back.
                         self.wbuf = Vec::new();
+                        self.idle = true;
                         self.conn.release_buffers.notify_one();
                     }
                     last_reads = reads;
@@ -614,13 +677,27 @@ impl Writer<'_> {
                 }
             }
             let had_traffic = self.fill_batch();
+            self.idle &= !had_traffic;
             if self.wbuf.is_empty() {
                 continue;
             }
-            if let Err(e) = write_with_deadline(&mut wr, &self.wbuf, write_timeout).await {
+            self.held.report(self.wbuf.capacity(), 1);
+            if self.mark < self.wbuf.len() {
+                self.segs.push(Seg::Buf(self.mark, self.wbuf.len()));
+            }
+            let segs = Segments {
+                wbuf: &self.wbuf,
+                segs: &self.segs,
+                payloads: &self.payloads,
+            };
+            if let Err(e) = write_with_deadline(&mut wr, &segs, write_timeout).await {
                 self.server.metrics.dropped(DropReason::WriteError, false);
                 return Err(e);
             }
+            // The payloads' reader buffers are free to be reused from here.
+            self.payloads.clear();
+            self.segs.clear();
+            self.mark = 0;
             if self.finish {
                 // TLS close_notify and FIN, so the client redials at once instead of timing out.
                 let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
@@ -628,11 +705,12 @@ impl Writer<'_> {
             }
             // Kept for the next batch while the connection is busy (released above once it is
             // idle for a keepalive period, or now if a burst made it large).
-            if self.wbuf.capacity() > WRITE_BUF_KEEP {
+            if self.wbuf.capacity() > WRITE_BUF_KEEP || self.idle {
                 self.wbuf = Vec::new();
             } else {
                 self.wbuf.clear();
             }
+            self.held.report(self.wbuf.capacity(), 1);
             // Our own keepalives are not traffic.
             wrote_since_tick |= had_traffic;
             if !self.new_sources.is_empty() {
@@ -656,7 +734,12 @@ impl Writer<'_> {
         let b = &mut self.batch;
         let w = &mut self.wbuf;
         let frame_bytes = |q: &VecDeque<Packet>| -> usize {
-            q.iter().map(|p| HEADER_LEN + KEY_LEN + p.data.len()).sum()
+            q.iter()
+                .map(|p| match p.data.len() {
+                    n if n >= GATHER_MIN_PACKET => PACKET_HEAD_LEN,
+                    n => PACKET_HEAD_LEN + n,
+                })
+                .sum()
         };
         // Control frames are small; 256 bytes covers the usual pong or PeerGone.
         w.reserve(frame_bytes(&b.disco) + frame_bytes(&b.other) + 256);
@@ -677,8 +760,20 @@ impl Writer<'_> {
             }
         }
         let m = &self.server.metrics;
+        let mut out = Batch {
+            wbuf: w,
+            segs: &mut self.segs,
+            payloads: &mut self.payloads,
+            mark: &mut self.mark,
+        };
         for q in [&mut b.disco, &mut b.other] {
-            drain_packets(q, w, &mut self.received_from, &mut self.new_sources, m);
+            drain_packets(
+                q,
+                &mut out,
+                &mut self.received_from,
+                &mut self.new_sources,
+                m,
+            );
         }
         // Last, after what was still queued: the client learns we are going, then we close.
         if let Some((reconnect, try_for)) = b.restarting.take() {
@@ -690,9 +785,61 @@ impl Writer<'_> {
     }
 }
 
+/// A piece of a write batch: a range of the write buffer, or one packet payload.
+#[derive(Debug, Clone, Copy)]
+enum Seg {
+    Buf(usize, usize),
+    Payload(usize),
+}
+
+/// Where `fill_batch` puts frames: small ones whole into the write buffer; large packets as a
+/// head in the buffer plus their payload by reference.
+struct Batch<'a> {
+    wbuf: &'a mut Vec<u8>,
+    segs: &'a mut Vec<Seg>,
+    payloads: &'a mut Vec<Bytes>,
+    /// Start of the write-buffer bytes not yet covered by a `Seg::Buf`.
+    mark: &'a mut usize,
+}
+
+impl Batch<'_> {
+    fn push_recv_packet(&mut self, src: &NodePublic, data: Bytes) {
+        if data.len() < GATHER_MIN_PACKET {
+            frame::encode_recv_packet(self.wbuf, src, &data);
+            return;
+        }
+        frame::encode_recv_packet_head(self.wbuf, src, data.len());
+        self.segs.push(Seg::Buf(*self.mark, self.wbuf.len()));
+        *self.mark = self.wbuf.len();
+        self.segs.push(Seg::Payload(self.payloads.len()));
+        self.payloads.push(data);
+    }
+}
+
+/// A batch ready to write, as the slices it is made of.
+struct Segments<'a> {
+    wbuf: &'a [u8],
+    segs: &'a [Seg],
+    payloads: &'a [Bytes],
+}
+
+impl<'a> Segments<'a> {
+    fn iter(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
+        let (wbuf, payloads) = (self.wbuf, self.payloads);
+        self.segs.iter().map(move |s| match *s {
+            Seg::Buf(a, b) => wbuf.get(a..b).unwrap_or_default(),
+            Seg::Payload(i) => payloads.get(i).map(|p| &p[..]).unwrap_or_default(),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.iter().map(<[u8]>::len).sum()
+    }
+}
+
 fn drain_packets(
     q: &mut VecDeque<Packet>,
-    w: &mut Vec<u8>,
+    out: &mut Batch<'_>,
     received_from: &mut HashSet<NodePublic>,
     new_sources: &mut Vec<NodePublic>,
     m: &Metrics,
@@ -700,11 +847,11 @@ fn drain_packets(
     let mut bytes = 0u64;
     let n = q.len() as u64;
     for p in q.drain(..) {
-        frame::encode_recv_packet(w, &p.src, &p.data);
         bytes += p.data.len() as u64;
         if received_from.insert(p.src) {
             new_sources.push(p.src);
         }
+        out.push_recv_packet(&p.src, p.data);
     }
     if n > 0 {
         m.packets_sent.inc_by(n);
@@ -712,20 +859,25 @@ fn drain_packets(
     }
 }
 
-/// Writes `buf` fully and flushes; each write must make progress within `deadline` (Go sets a
-/// deadline per frame; a client that stops reading is cut off instead of stalling anyone).
+/// Writes the batch fully (gathered) and flushes; each write must make progress within
+/// `deadline` (Go sets a deadline per frame; a client that stops reading is cut off instead of
+/// stalling anyone).
 async fn write_with_deadline<W: AsyncWrite + Unpin>(
     wr: &mut W,
-    buf: &[u8],
+    batch: &Segments<'_>,
     deadline: Option<Duration>,
 ) -> Result<(), ConnError> {
+    let total = batch.len();
     let mut off = 0;
-    while off < buf.len() {
+    while off < total {
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        let used = gather::fill_iovecs(batch.iter(), off, &mut iov);
+        let iov = &iov[..used];
         let n = match deadline {
-            Some(d) => timeout(d, wr.write(&buf[off..]))
+            Some(d) => timeout(d, wr.write_vectored(iov))
                 .await
                 .map_err(|_| ConnError::Timeout("writing to client"))??,
-            None => wr.write(&buf[off..]).await?,
+            None => wr.write_vectored(iov).await?,
         };
         if n == 0 {
             return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub restarting_sent: Counter,
     pub mesh_links: Gauge,
+    pub connection_buffer_bytes: Gauge,
 }
 
 impl Metrics {
@@ -118,6 +119,13 @@ impl Metrics {
             "watchers",
             "Mesh connections watching for peer changes",
             self.watchers.clone(),
+        );
+        r.register(
+            "connection_buffer_bytes",
+            "Bytes of read and write buffers held by DERP connections (TLS library buffers not \
+             included); busy connections keep theirs, idle ones release them after a keepalive \
+             period",
+            self.connection_buffer_bytes.clone(),
         );
         r.register(
             "packets_received",
@@ -178,6 +186,26 @@ impl Metrics {
             "cert_reloads",
             "Certificate reload attempts, by result",
             self.cert_reloads.clone(),
+        );
+        r.register(
+            "clients_refused",
+            "Clients refused by admission control (-verify-clients, -verify-client-url), by reason",
+            self.clients_refused.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "TCP connections closed at once by a limit, by reason",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "restarting_sent",
+            "Restarting frames sent to clients on shutdown",
+            self.restarting_sent.clone(),
+        );
+        r.register(
+            "mesh_links",
+            "Mesh links to the region's other servers currently up",
+            self.mesh_links.clone(),
         );
     }
 

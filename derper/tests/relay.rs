@@ -33,6 +33,39 @@ async fn relays_between_two_clients_and_not_to_bystanders() {
     s.shutdown().await;
 }
 
+/// Small and large packets mixed in one batch travel intact and in order: large ones are
+/// written from where they are (gathered) on both the client and the server, small ones are
+/// copied next to their heads, so every boundary between the two kinds is exercised.
+#[tokio::test]
+async fn mixed_sizes_in_one_batch_arrive_intact_and_in_order() {
+    let s = plain().await;
+    let (a, mut b) = pair(&url(&s)).await;
+    let mixed = [
+        0, 100, 2047, 2048, 5000, 16_384, 16_385, 65_536, 1, 3000, 2049, 65_535,
+    ];
+    let large = [2048, 65_536, 16_421, 4096, 65_536, 2048];
+    for (round, sizes) in [&mixed[..], &large[..], &mixed[..]].iter().enumerate() {
+        let packets: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (round * 97 + i * 31 + j) as u8).collect())
+            .collect();
+        a.tx.send_packets(&b.key, packets.iter().map(|p| &p[..]))
+            .await
+            .unwrap();
+        for want in &packets {
+            let (src, got) = b.packet().await;
+            assert_eq!(src, a.key);
+            assert!(
+                got == *want,
+                "packet of {} bytes changed in transit",
+                want.len()
+            );
+        }
+    }
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn ten_thousand_packets_arrive_in_order() {
     let s = plain().await;

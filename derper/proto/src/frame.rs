@@ -386,9 +386,14 @@ pub fn encode_server_info(buf: &mut impl BufMut, sealed: &[u8]) {
 }
 
 pub fn encode_recv_packet(buf: &mut impl BufMut, src: &NodePublic, packet: &[u8]) {
-    put_header(buf, FrameType::RecvPacket, KEY_LEN + packet.len());
-    buf.put_slice(src.as_bytes());
+    encode_recv_packet_head(buf, src, packet.len());
     buf.put_slice(packet);
+}
+
+/// A RecvPacket frame without its payload (see [`encode_send_packet_head`]).
+pub fn encode_recv_packet_head(buf: &mut impl BufMut, src: &NodePublic, packet_len: usize) {
+    put_header(buf, FrameType::RecvPacket, KEY_LEN + packet_len);
+    buf.put_slice(src.as_bytes());
 }
 
 pub fn encode_keep_alive(buf: &mut impl BufMut) {
@@ -457,9 +462,18 @@ pub fn encode_client_info(buf: &mut impl BufMut, client: &NodePublic, sealed: &[
 }
 
 pub fn encode_send_packet(buf: &mut impl BufMut, dst: &NodePublic, packet: &[u8]) {
-    put_header(buf, FrameType::SendPacket, KEY_LEN + packet.len());
-    buf.put_slice(dst.as_bytes());
+    encode_send_packet_head(buf, dst, packet.len());
     buf.put_slice(packet);
+}
+
+/// Bytes in front of a SendPacket or RecvPacket payload: frame header and key.
+pub const PACKET_HEAD_LEN: usize = HEADER_LEN + KEY_LEN;
+
+/// A SendPacket frame without its payload, for writers that send the payload from where it
+/// already is (a vectored write) instead of copying it behind the head.
+pub fn encode_send_packet_head(buf: &mut impl BufMut, dst: &NodePublic, packet_len: usize) {
+    put_header(buf, FrameType::SendPacket, KEY_LEN + packet_len);
+    buf.put_slice(dst.as_bytes());
 }
 
 pub fn encode_forward_packet(

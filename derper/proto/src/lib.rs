@@ -5,6 +5,7 @@
 
 pub mod derpmap;
 pub mod frame;
+pub mod gather;
 pub mod info;
 pub mod key;
 pub mod stun;

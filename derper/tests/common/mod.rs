@@ -57,6 +57,11 @@ pub async fn connect(url: &str) -> Peer {
     connect_with(ClientConfig::new(url, NodePrivate::generate())).await
 }
 
+/// Two fresh clients of one server.
+pub async fn pair(url: &str) -> (Peer, Peer) {
+    (connect(url).await, connect(url).await)
+}
+
 pub async fn connect_as(url: &str, key: NodePrivate) -> Peer {
     connect_with(ClientConfig::new(url, key)).await
 }
