@@ -10,9 +10,11 @@ def get(port, path, headers=None):
     return r.status, dict(r.getheaders()), body
 
 def regions_yaml(args):
+    """R ns first_id [part parts] -> the regions (only those with i % parts == part)"""
     n, ns, first_id = int(args[0]), args[1], int(args[2])
+    part, parts = (int(args[3]), int(args[4])) if len(args) > 4 else (0, 1)
     out = []
-    for i in range(n):
+    for i in range(part, n, parts):
         out.append(
             "apiVersion: derpfleet.io/v1alpha1\nkind: DerpRegion\n"
             f"metadata: {{name: r{i}, namespace: {ns}}}\n"
