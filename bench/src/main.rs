@@ -104,6 +104,9 @@ enum Cmd {
         warmup: Duration,
         #[arg(long, value_parser = secs, default_value = "5s")]
         duration: Duration,
+        /// Report this process's CPU use inside the window (the server's).
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Connect idle clients in steps and read the server's RSS after each.
     Idle {
@@ -206,6 +209,7 @@ async fn run(cli: Cli) -> Result<()> {
                     addr,
                     sockets: stun_sockets,
                     window: stun_window,
+                    busy: false,
                 }),
                 server_pid: target.server_pid,
             };
@@ -217,6 +221,7 @@ async fn run(cli: Cli) -> Result<()> {
             window,
             warmup,
             duration,
+            server_pid,
         } => {
             let t0 = tokio::time::Instant::now() + warmup;
             let stop = tokio_util::sync::CancellationToken::new();
@@ -225,14 +230,24 @@ async fn run(cli: Cli) -> Result<()> {
                     addr,
                     sockets,
                     window,
+                    busy: true,
                 },
                 t0,
                 t0 + duration,
                 stop.clone(),
             ));
+            tokio::time::sleep_until(t0).await;
+            let cpu0 = server_pid.map(procfs::cpu_seconds).transpose()?;
             tokio::time::sleep_until(t0 + duration).await;
+            let cpu1 = server_pid.map(procfs::cpu_seconds).transpose()?;
             stop.cancel();
-            print_json(&h.await.context("STUN task")??)
+            let mut st = h.await.context("STUN task")??;
+            if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                let cpu = b - a;
+                st.server_cpu_util = Some(cpu / duration.as_secs_f64());
+                st.server_cpu_us_per_req = Some(cpu * 1e6 / st.responses.max(1) as f64);
+            }
+            print_json(&st)
         }
         Cmd::Idle {
             target,

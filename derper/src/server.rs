@@ -314,7 +314,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
             }
             match sock {
                 Some(s) => {
-                    let s = Arc::new(s);
                     let addr = s.local_addr().ok();
                     tasks.spawn(crate::stun_server::run(
                         s,
