@@ -79,6 +79,11 @@ gs, os_ = load("go-stun"), load("ours-stun")
 if gs and os_:
     add("STUN requests/s (closed loop, 4x64 outstanding)", "req/s", gs["rps"], os_["rps"], "higher")
     add("STUN latency p50 (same run)", "µs", gs["latency"]["p50_us"], os_["latency"]["p50_us"], "lower")
+    if gs.get("server_cpu_us_per_req") is not None and os_.get("server_cpu_us_per_req") is not None:
+        add("STUN server CPU per answered request (same run)", "µs",
+            gs["server_cpu_us_per_req"], os_["server_cpu_us_per_req"], "lower")
+        add("STUN server CPU use during the run (1.0 = its core)", "cores",
+            gs["server_cpu_util"], os_["server_cpu_util"], "lower")
 gl, ol = load("go-stun-load"), load("ours-stun-load")
 if gl and ol:
     add("STUN requests/s while relaying 1 KiB at half load (2x8 outstanding)", "req/s",
