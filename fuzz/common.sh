@@ -6,7 +6,7 @@ FUZZ_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$FUZZ_DIR" || exit 1
 # The fuzz crate is built with libFuzzer's instrumentation flags: its own target dir, outside
 # the checkout, so it never invalidates the workspace's cache.
-export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$HOME/.cache/derp-fleet/fuzz-target}
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/fuzz-target}
 # cargo fuzz passes -Z flags to rustc; the stable toolchain takes them with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
 # ASan is possible (the stable toolchain ships its runtime) but needs a second full build; the
@@ -14,12 +14,19 @@ export RUSTC_BOOTSTRAP=1
 SANITIZER=${FUZZ_SANITIZER:-none}
 CARGO_FUZZ_VERSION=0.13.2
 
+# cargo-fuzz lives in the project's cache, keyed by version, so a cold run (empty cache)
+# installs it as a fresh machine would, whatever an earlier `cargo install` left in ~/.cargo.
+FUZZ_TOOLS=${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/tools/cargo-fuzz-$CARGO_FUZZ_VERSION
+export PATH=$FUZZ_TOOLS/bin:$PATH
+
 ensure_cargo_fuzz() {
-    if cargo fuzz --version >/dev/null 2>&1; then
+    if [ -x "$FUZZ_TOOLS/bin/cargo-fuzz" ]; then
         return 0
     fi
-    echo "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
-    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+    echo "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io into $FUZZ_TOOLS"
+    # Its own target dir: the fuzz one is built with other flags and would be invalidated.
+    CARGO_TARGET_DIR=$FUZZ_TOOLS.build cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" \
+        --root "$FUZZ_TOOLS" && rm -rf "$FUZZ_TOOLS.build"
 }
 
 build_all() {

@@ -60,20 +60,7 @@ impl Rig {
                 cluster.display()
             );
         }
-        let mut parts = vec!["k8s", "etcd", "kwok", "harness"];
-        if opts.certmanager {
-            parts.push("certmanager");
-        }
-        let build = Command::new(cluster.join("build"))
-            .args(&parts)
-            .output()
-            .expect("running tests/cluster/build");
-        if !build.status.success() {
-            panic!(
-                "rig not available: tests/cluster/build failed:\n{}",
-                String::from_utf8_lossy(&build.stderr)
-            );
-        }
+        // `up` builds (or reuses from the cache) exactly the components it starts.
         // Not under /tmp: the process kubelet rewrites a pod's `/tmp` mount path wherever it
         // stands as a path prefix, host paths of other volumes under /tmp/... included.
         let test = std::env::current_exe()

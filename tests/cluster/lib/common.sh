@@ -3,7 +3,7 @@
 
 RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PEERS_DIR=$RIG_DIR/peers
-RIG_CACHE=${DERP_FLEET_PEERS_CACHE:-$HOME/.cache/derp-fleet/peers}
+RIG_CACHE=${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/peers
 
 export GOTOOLCHAIN=local
 export CGO_ENABLED=0
