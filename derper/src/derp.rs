@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use derp_proto::frame::{
-    self, ClientToServer, FrameHeader, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES,
-    MAX_PACKET_BYTES, MIN_CLIENT_INFO_BYTES, PACKET_HEAD_LEN, PeerGoneReason, peer_flags,
+    self, ClientToServer, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES, MAX_PACKET_BYTES,
+    MIN_CLIENT_INFO_BYTES, PACKET_HEAD_LEN, PeerGoneReason, Split, peer_flags,
 };
 use derp_proto::gather;
 use derp_proto::info::{self, ClientInfo, ServerInfo};
@@ -110,8 +110,12 @@ pub enum ConnError {
     Frame(#[from] frame::FrameError),
     #[error("frame type {0:#04x} is only for mesh peers")]
     NotMesh(u8),
-    #[error("frame of {0} bytes is larger than any valid frame")]
-    FrameTooLarge(usize),
+    #[error("{0}")]
+    FrameTooLarge(#[from] frame::FrameTooLarge),
+    /// A write batch that does not describe its own buffers: a bug here, never the peer's
+    /// doing. The connection ends rather than send a frame whose bytes are missing.
+    #[error("internal: write batch segment {0} is out of range")]
+    BrokenBatch(usize),
     #[error("client refused: {0}")]
     Refused(String),
 }
@@ -148,9 +152,18 @@ async fn read_frame<R: AsyncRead + Unpin>(
         buf.reserve(READ_BUF_INITIAL);
         buf.extend_from_slice(&first[..n]);
     }
-    while buf.len() < HEADER_LEN {
-        if buf.capacity() - buf.len() < HEADER_LEN {
-            buf.reserve(READ_BUF_INITIAL);
+    loop {
+        match frame::split_frame(buf, &max_len)? {
+            Split::Frame {
+                frame_type,
+                payload,
+            } => return Ok(Some((frame_type, payload))),
+            // Exactly the rest of the frame: a 64 KiB packet costs one allocation, no more.
+            Split::NeedPayload { missing } => buf.reserve(missing),
+            Split::NeedHeader if buf.capacity() - buf.len() < HEADER_LEN => {
+                buf.reserve(READ_BUF_INITIAL)
+            }
+            Split::NeedHeader => {}
         }
         if rd.read_buf(buf).await? == 0 {
             return if buf.is_empty() {
@@ -160,25 +173,6 @@ async fn read_frame<R: AsyncRead + Unpin>(
             };
         }
     }
-    let Some(h) = FrameHeader::parse(buf) else {
-        return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-    };
-    let len = h.len as usize;
-    if len > max_len(h.frame_type) {
-        return Err(ConnError::FrameTooLarge(len));
-    }
-    let total = HEADER_LEN + len;
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        while buf.len() < total {
-            if rd.read_buf(buf).await? == 0 {
-                return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-            }
-        }
-    }
-    let mut frame = buf.split_to(total);
-    let payload = frame.split_off(HEADER_LEN).freeze();
-    Ok(Some((h.frame_type, payload)))
 }
 
 /// How the connection reached us, for PeerPresent flags and logs.
@@ -370,8 +364,7 @@ impl DerpServer {
             conn,
             rbuf,
             held: HeldBytes::new(&self.metrics.connection_buffer_bytes),
-            not_here_tokens: NOT_HERE_BURST,
-            not_here_at: Instant::now(),
+            not_here_limit: crate::limits::TokenBucket::new(1.0, NOT_HERE_BURST),
             preferred: false,
             limit: crate::limits::ReaderLimit::new(),
         };
@@ -446,8 +439,7 @@ struct Reader<'a> {
     conn: &'a Arc<ClientConn>,
     rbuf: BytesMut,
     held: HeldBytes<'a>,
-    not_here_tokens: f64,
-    not_here_at: Instant,
+    not_here_limit: crate::limits::TokenBucket,
     preferred: bool,
     limit: crate::limits::ReaderLimit,
 }
@@ -607,19 +599,14 @@ impl Reader<'_> {
 
     /// PeerGone(NotHere) to the sender, rate-limited like Go (burst 3, 1/s).
     fn not_here(&mut self, dst: NodePublic) {
-        let now = Instant::now();
-        let refill = now.duration_since(self.not_here_at).as_secs_f64();
-        self.not_here_at = now;
-        self.not_here_tokens = (self.not_here_tokens + refill).min(NOT_HERE_BURST);
-        if self.not_here_tokens >= 1.0 {
-            self.not_here_tokens -= 1.0;
-            if self.conn.enqueue_peer_gone(dst, PeerGoneReason::NotHere) {
-                self.server
-                    .metrics
-                    .peer_gone_sent
-                    .get_or_create(&ReasonLabel { reason: "not_here" })
-                    .inc();
-            }
+        if self.not_here_limit.try_take(1.0)
+            && self.conn.enqueue_peer_gone(dst, PeerGoneReason::NotHere)
+        {
+            self.server
+                .metrics
+                .peer_gone_sent
+                .get_or_create(&ReasonLabel { reason: "not_here" })
+                .inc();
         }
     }
 }
@@ -685,11 +672,7 @@ impl Writer<'_> {
             if self.mark < self.wbuf.len() {
                 self.segs.push(Seg::Buf(self.mark, self.wbuf.len()));
             }
-            let segs = Segments {
-                wbuf: &self.wbuf,
-                segs: &self.segs,
-                payloads: &self.payloads,
-            };
+            let segs = Segments::new(&self.wbuf, &self.segs, &self.payloads)?;
             if let Err(e) = write_with_deadline(&mut wr, &segs, write_timeout).await {
                 self.server.metrics.dropped(DropReason::WriteError, false);
                 return Err(e);
@@ -816,7 +799,8 @@ impl Batch<'_> {
     }
 }
 
-/// A batch ready to write, as the slices it is made of.
+/// A batch ready to write, as the slices it is made of; every segment checked to lie within
+/// its buffer when the batch is made.
 struct Segments<'a> {
     wbuf: &'a [u8],
     segs: &'a [Seg],
@@ -824,11 +808,30 @@ struct Segments<'a> {
 }
 
 impl<'a> Segments<'a> {
+    fn new(wbuf: &'a [u8], segs: &'a [Seg], payloads: &'a [Bytes]) -> Result<Self, ConnError> {
+        for (n, s) in segs.iter().enumerate() {
+            let ok = match *s {
+                Seg::Buf(a, b) => a <= b && b <= wbuf.len(),
+                Seg::Payload(i) => i < payloads.len(),
+            };
+            if !ok {
+                debug_assert!(ok, "segment {n} ({s:?}) out of range");
+                return Err(ConnError::BrokenBatch(n));
+            }
+        }
+        Ok(Segments {
+            wbuf,
+            segs,
+            payloads,
+        })
+    }
+
     fn iter(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
         let (wbuf, payloads) = (self.wbuf, self.payloads);
+        // In range: checked in `new`.
         self.segs.iter().map(move |s| match *s {
-            Seg::Buf(a, b) => wbuf.get(a..b).unwrap_or_default(),
-            Seg::Payload(i) => payloads.get(i).map(|p| &p[..]).unwrap_or_default(),
+            Seg::Buf(a, b) => &wbuf[a..b],
+            Seg::Payload(i) => &payloads[i][..],
         })
     }
 

@@ -351,7 +351,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
             let mut reg = PromRegistry::default();
             metrics.register(&mut reg);
             let router = metrics_router(Arc::new(reg), http_state.clone());
-            tasks.spawn(serve_plain_http(l, router, shutdown.clone()));
+            // Served until the drain ends, not only until shutdown starts: /readyz says 503
+            // and /metrics can still be scraped while clients are being moved away.
+            tasks.spawn(serve_plain_http(l, router, conns_stop.clone()));
             addr
         }
         None => None,
@@ -688,10 +690,6 @@ impl ServerHandle {
             }
             _ => false,
         }
-    }
-
-    pub fn set_ready(&self, ready: bool) {
-        self.http.ready.store(ready, Ordering::Relaxed);
     }
 }
 

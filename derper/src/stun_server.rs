@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use derp_proto::stun;
 use prometheus_client::metrics::counter::Counter;
@@ -17,41 +17,8 @@ use tokio_util::sync::CancellationToken;
 #[cfg(not(target_os = "linux"))]
 use tracing::warn;
 
+use crate::limits::TokenBucket;
 use crate::metrics::{Metrics, ReasonLabel};
-
-/// A token bucket over whole responses.
-struct Limiter {
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Limiter {
-    fn new(per_sec: f64) -> Self {
-        Limiter {
-            per_sec,
-            tokens: per_sec.max(1.0),
-            at: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        if self.per_sec <= 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let burst = self.per_sec.max(1.0);
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec).min(burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// What happened to one datagram; the label values of `stun_requests`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -135,7 +102,8 @@ impl Tally {
 
 /// The per-datagram decision shared by both loops.
 struct Answerer {
-    limiter: Limiter,
+    /// Responses per second, up to one second's worth at once; `None` is unlimited.
+    limiter: Option<TokenBucket>,
     tally: Tally,
 }
 
@@ -167,7 +135,9 @@ impl Answerer {
                 return None;
             }
         };
-        if !self.limiter.allow() {
+        if let Some(limit) = &mut self.limiter
+            && !limit.try_take(1.0)
+        {
             self.tally.add(Outcome::RateLimited);
             return None;
         }
@@ -183,7 +153,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let ans = Answerer {
-        limiter: Limiter::new(rate_limit),
+        limiter: (rate_limit > 0.0).then(|| TokenBucket::new(rate_limit, rate_limit.max(1.0))),
         tally: Tally::new(metrics),
     };
     #[cfg(target_os = "linux")]
@@ -538,7 +508,9 @@ mod tests {
     #[tokio::test]
     async fn batched_answers_many_sockets_v6() {
         let Some(m) = many_sockets("[::1]:0").await else {
-            eprintln!("no IPv6 loopback; skipped");
+            eprintln!(
+                "SKIP batched_answers_many_sockets_v6: this machine has no IPv6 loopback (::1)"
+            );
             return;
         };
         assert_eq!(count(&m, "ok_ipv6"), 160);
@@ -548,6 +520,7 @@ mod tests {
     #[tokio::test]
     async fn dual_stack_answers_ipv4_as_ipv4() {
         let Ok(sock) = tokio::net::UdpSocket::bind("[::]:0").await else {
+            eprintln!("SKIP dual_stack_answers_ipv4_as_ipv4: this machine cannot bind [::]");
             return;
         };
         let port = sock.local_addr().unwrap().port();
@@ -600,7 +573,7 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let m = Arc::new(Metrics::default());
         let mut ans = Answerer {
-            limiter: Limiter::new(0.0),
+            limiter: None,
             tally: Tally::new(m.clone()),
         };
         let c = client(addr);

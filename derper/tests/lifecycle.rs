@@ -44,28 +44,62 @@ async fn shutdown_sends_restarting_then_closes_everyone_fast() {
     assert!(t0.elapsed() < Duration::from_secs(3));
 }
 
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut sock) = tokio::net::TcpStream::connect(addr).await else {
+        return "connection refused".into();
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = sock.read_to_string(&mut out).await;
+    out
+}
+
+/// SIGTERM's first step: /readyz answers 503 (so probes and load balancers stop sending new
+/// clients) while the drain is still under way and /metrics and /healthz are still served.
 #[tokio::test]
-async fn readyz_turns_false_on_shutdown() {
+async fn readyz_turns_false_during_the_shutdown_drain() {
     let s = plain().await;
     let m = s.metrics_addr.unwrap();
-    let get = |path: &'static str| async move {
-        let mut sock = tokio::net::TcpStream::connect(m).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        sock.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        sock.read_to_string(&mut out).await.unwrap();
-        out
-    };
-    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-    assert!(get("/metrics").await.contains("derper_accepts_total"));
-    s.set_ready(false);
-    assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
-    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-    s.shutdown().await;
+    assert!(http_get(m, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(m, "/metrics")
+            .await
+            .contains("derper_accepts_total")
+    );
+
+    // A client that never reads, with its socket filled by a flood: its Restarting frame cannot
+    // be flushed, so the drain lasts until the write deadline cuts it off.
+    let (stalled, sender) = pair(&url(&s)).await;
+    let packet = vec![7u8; 60_000];
+    for _ in 0..300 {
+        sender.tx.send_packet(&stalled.key, &packet).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let shutting = tokio::spawn(s.shutdown());
+    let t0 = Instant::now();
+    let mut seen_503 = false;
+    while t0.elapsed() < Duration::from_secs(3) && !shutting.is_finished() {
+        let ready = http_get(m, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 503") {
+            seen_503 = true;
+            assert!(http_get(m, "/healthz").await.starts_with("HTTP/1.1 200"));
+            assert!(
+                http_get(m, "/metrics")
+                    .await
+                    .contains("derper_accepts_total")
+            );
+            break;
+        }
+        assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen_503, "/readyz never said 503 while the server drained");
+    let report = shutting.await.unwrap();
+    assert_eq!(report.clients_told, 2);
+    drop((stalled, sender));
 }
 
 #[tokio::test]

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use common::*;
 use derp_client::{ClientConfig, TlsTrust};
@@ -137,7 +136,9 @@ async fn websocket_transport_relays() {
     let big = vec![3u8; 60_000];
     b.tx.send_packet(&a.key, &big).await.unwrap();
     assert_eq!(a.packet().await.1, big);
+    // And the other way: what the WebSocket client sends reaches a TCP client.
+    let mut b = b;
     a.tx.send_packet(&b.key, b"ws").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(b.packet().await, (a.key, b"ws".to_vec()));
     s.shutdown().await;
 }

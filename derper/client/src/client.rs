@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use derp_proto::frame::{
-    self, FrameHeader, FrameType, HEADER_LEN, MAX_CLIENT_FRAME_BYTES, MAX_PACKET_BYTES,
-    PACKET_HEAD_LEN, PROTOCOL_VERSION, ServerToClient,
+    self, FrameType, MAX_CLIENT_FRAME_BYTES, MAX_PACKET_BYTES, PACKET_HEAD_LEN, PROTOCOL_VERSION,
+    ServerToClient, Split,
 };
 use derp_proto::gather;
 use derp_proto::info::{self, ClientInfo, ServerInfo};
@@ -568,21 +568,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// One frame: type and payload. Frames longer than `max` are refused before reading them.
     async fn read_frame(&mut self, max: usize) -> Result<(u8, Bytes), ClientError> {
         loop {
-            if let Some(h) = FrameHeader::parse(&self.buf) {
-                let len = h.len as usize;
-                if len > max {
-                    return Err(ClientError::FrameTooLarge { len, max });
-                }
-                let total = HEADER_LEN + len;
-                if self.buf.len() >= total {
-                    let mut f = self.buf.split_to(total);
-                    f.advance(HEADER_LEN);
-                    return Ok((h.frame_type, f.freeze()));
-                }
-                let missing = total - self.buf.len();
-                self.fill(missing).await?;
-            } else {
-                self.fill(READ_CHUNK_BYTES).await?;
+            match frame::split_frame(&mut self.buf, |_| max)
+                .map_err(|e| ClientError::FrameTooLarge { len: e.len, max })?
+            {
+                Split::Frame {
+                    frame_type,
+                    payload,
+                } => return Ok((frame_type, payload)),
+                Split::NeedPayload { missing } => self.fill(missing).await?,
+                Split::NeedHeader => self.fill(READ_CHUNK_BYTES).await?,
             }
         }
     }
@@ -686,39 +680,14 @@ fn encode_hello(
     Ok(())
 }
 
+/// The handshake, step by step, within one deadline: TCP, TLS, the transport (HTTP upgrade or
+/// WebSocket), the key exchange (fast start or classic), then ServerInfo.
 async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
     let deadline = Instant::now() + cfg.connect_timeout;
     let target = Target::parse(&cfg.url)?;
     let tcp = step(deadline, "TCP connect", dial(&target, cfg)).await?;
-    let local_addr = tcp.local_addr().ok();
-    let remote_addr = tcp.peer_addr().ok();
-
-    let mut tls_version = None;
-    let mut metacert = None;
-    let io: BoxIo = if target.tls {
-        let tls_cfg = tls::client_config(&cfg.tls, cfg.cert_name.as_deref())?;
-        let sni = cfg.tls_server_name.as_deref().unwrap_or(&target.host);
-        // An IP literal becomes ServerName::IpAddress, for which rustls sends no SNI (as Go).
-        let server_name = ServerName::try_from(sni.to_owned())
-            .map_err(|e| ClientError::Config(format!("TLS server name {sni:?}: {e}")))?;
-        let stream = step(deadline, "TLS handshake", async {
-            tokio_rustls::TlsConnector::from(tls_cfg)
-                .connect(server_name, tcp)
-                .await
-                .map_err(ClientError::Tls)
-        })
-        .await?;
-        let conn = stream.get_ref().1;
-        tls_version = conn.protocol_version().map(|v| format!("{v:?}"));
-        // Only TLS 1.3 hides the certificates, so only then does Go trust the metacert.
-        if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
-            metacert = conn.peer_certificates().and_then(tls::parse_metacert);
-        }
-        Box::new(stream)
-    } else {
-        Box::new(tcp)
-    };
-
+    let (local_addr, remote_addr) = (tcp.local_addr().ok(), tcp.peer_addr().ok());
+    let (io, tls) = secure(tcp, &target, cfg, deadline).await?;
     let io: BoxIo = match cfg.transport {
         Transport::Derp => io,
         Transport::WebSocket => Box::new(
@@ -741,99 +710,23 @@ async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
         heads: Vec::new(),
         broken: None,
     };
-
-    let fast_key = match metacert {
-        Some((key, version))
-            if cfg.fast_start
-                && cfg.transport == Transport::Derp
-                && !key.is_zero()
-                && version != 0 =>
-        {
-            Some(key)
-        }
-        _ => None,
-    };
-    let ideal = cfg.ideal_node.as_deref();
+    let fast_key = fast_start_key(cfg, tls.metacert);
     let server_key = match fast_key {
-        Some(key) => {
-            // Request and ClientInfo leave in one flush; no response is read (spec §4.3).
-            upgrade::write_request(
-                &mut writer.buf,
-                &target.authority,
-                &target.path_and_query,
-                true,
-                ideal,
-            );
-            encode_hello(&mut writer.buf, cfg, &key)?;
-            step(
-                deadline,
-                "sending upgrade and ClientInfo",
-                writer.write_out_timed(None),
-            )
-            .await?;
-            key
-        }
-        None => {
-            if cfg.transport == Transport::Derp {
-                upgrade::write_request(
-                    &mut writer.buf,
-                    &target.authority,
-                    &target.path_and_query,
-                    false,
-                    ideal,
-                );
-                step(
-                    deadline,
-                    "sending upgrade request",
-                    writer.write_out_timed(None),
-                )
-                .await?;
-                step(deadline, "reading upgrade response", read_101(&mut reader)).await?;
-            }
-            let (t, payload) = step(
-                deadline,
-                "reading ServerKey",
-                reader.read_frame(MAX_SERVER_KEY_FRAME_BYTES),
-            )
-            .await?;
-            let key = match ServerToClient::decode(t, payload) {
-                Ok(ServerToClient::ServerKey(k)) if t == FrameType::ServerKey as u8 => k,
-                _ => {
-                    return Err(ClientError::Handshake(format!(
-                        "invalid server greeting (frame type {t:#04x})"
-                    )));
-                }
-            };
-            encode_hello(&mut writer.buf, cfg, &key)?;
-            step(deadline, "sending ClientInfo", writer.write_out_timed(None)).await?;
-            key
-        }
+        Some(key) => send_fast_start(&mut writer, &target, cfg, key, deadline).await?,
+        None => greet_classic(&mut reader, &mut writer, &target, cfg, deadline).await?,
     };
-
-    let server_info = step(deadline, "reading ServerInfo", async {
-        loop {
-            let (t, payload) = reader.read_frame(MAX_CLIENT_FRAME_BYTES).await?;
-            // In fast start the server still sends ServerKey first; Go skips it.
-            if fast_key.is_some() && t == FrameType::ServerKey as u8 {
-                continue;
-            }
-            if t != FrameType::ServerInfo as u8 {
-                return Err(ClientError::Handshake(format!(
-                    "first frame after ServerKey is type {t:#04x}, expected ServerInfo (0x03)"
-                )));
-            }
-            let plain = info::open(&cfg.private_key, &server_key, &payload)?;
-            return Ok(ServerInfo::from_json(&plain)?);
-        }
-    })
+    let server_info = step(
+        deadline,
+        "reading ServerInfo",
+        read_server_info(&mut reader, cfg, &server_key, fast_key.is_some()),
+    )
     .await?;
-
     let conn_info = ConnInfo {
         local_addr,
         remote_addr,
         tls: target.tls,
-        tls_version,
-        metacert,
+        tls_version: tls.version,
+        metacert: tls.metacert,
         fast_start: fast_key.is_some(),
         transport: cfg.transport,
     };
@@ -865,6 +758,153 @@ async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
             failed: None,
         },
     })
+}
+
+/// What the TLS handshake told us (nothing for plain HTTP).
+#[derive(Default)]
+struct TlsFacts {
+    version: Option<String>,
+    /// The DERP meta certificate's server key and protocol version, trusted only over TLS 1.3.
+    metacert: Option<(NodePublic, u32)>,
+}
+
+async fn secure(
+    tcp: TcpStream,
+    target: &Target,
+    cfg: &ClientConfig,
+    deadline: Instant,
+) -> Result<(BoxIo, TlsFacts), ClientError> {
+    if !target.tls {
+        return Ok((Box::new(tcp), TlsFacts::default()));
+    }
+    let tls_cfg = tls::client_config(&cfg.tls, cfg.cert_name.as_deref())?;
+    let sni = cfg.tls_server_name.as_deref().unwrap_or(&target.host);
+    // An IP literal becomes ServerName::IpAddress, for which rustls sends no SNI (as Go).
+    let server_name = ServerName::try_from(sni.to_owned())
+        .map_err(|e| ClientError::Config(format!("TLS server name {sni:?}: {e}")))?;
+    let stream = step(deadline, "TLS handshake", async {
+        tokio_rustls::TlsConnector::from(tls_cfg)
+            .connect(server_name, tcp)
+            .await
+            .map_err(ClientError::Tls)
+    })
+    .await?;
+    let conn = stream.get_ref().1;
+    let tls_13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    let facts = TlsFacts {
+        version: conn.protocol_version().map(|v| format!("{v:?}")),
+        // Only TLS 1.3 hides the certificates, so only then does Go trust the metacert.
+        metacert: tls_13
+            .then(|| conn.peer_certificates().and_then(tls::parse_metacert))
+            .flatten(),
+    };
+    Ok((Box::new(stream), facts))
+}
+
+/// The server key to use for fast start, when the metacert offers one and fast start applies.
+fn fast_start_key(cfg: &ClientConfig, metacert: Option<(NodePublic, u32)>) -> Option<NodePublic> {
+    match metacert {
+        Some((key, version))
+            if cfg.fast_start
+                && cfg.transport == Transport::Derp
+                && !key.is_zero()
+                && version != 0 =>
+        {
+            Some(key)
+        }
+        _ => None,
+    }
+}
+
+/// Fast start: the upgrade request and ClientInfo leave in one flush; no response is read
+/// (spec §4.3).
+async fn send_fast_start(
+    writer: &mut Writer,
+    target: &Target,
+    cfg: &ClientConfig,
+    key: NodePublic,
+    deadline: Instant,
+) -> Result<NodePublic, ClientError> {
+    upgrade::write_request(
+        &mut writer.buf,
+        &target.authority,
+        &target.path_and_query,
+        true,
+        cfg.ideal_node.as_deref(),
+    );
+    encode_hello(&mut writer.buf, cfg, &key)?;
+    step(
+        deadline,
+        "sending upgrade and ClientInfo",
+        writer.write_out_timed(None),
+    )
+    .await?;
+    Ok(key)
+}
+
+/// The classic exchange: upgrade request and 101 (not over WebSocket), ServerKey, ClientInfo.
+async fn greet_classic(
+    reader: &mut FrameReader<ReadHalf<BoxIo>>,
+    writer: &mut Writer,
+    target: &Target,
+    cfg: &ClientConfig,
+    deadline: Instant,
+) -> Result<NodePublic, ClientError> {
+    if cfg.transport == Transport::Derp {
+        upgrade::write_request(
+            &mut writer.buf,
+            &target.authority,
+            &target.path_and_query,
+            false,
+            cfg.ideal_node.as_deref(),
+        );
+        step(
+            deadline,
+            "sending upgrade request",
+            writer.write_out_timed(None),
+        )
+        .await?;
+        step(deadline, "reading upgrade response", read_101(reader)).await?;
+    }
+    let (t, payload) = step(
+        deadline,
+        "reading ServerKey",
+        reader.read_frame(MAX_SERVER_KEY_FRAME_BYTES),
+    )
+    .await?;
+    let key = match ServerToClient::decode(t, payload) {
+        Ok(ServerToClient::ServerKey(k)) if t == FrameType::ServerKey as u8 => k,
+        _ => {
+            return Err(ClientError::Handshake(format!(
+                "invalid server greeting (frame type {t:#04x})"
+            )));
+        }
+    };
+    encode_hello(&mut writer.buf, cfg, &key)?;
+    step(deadline, "sending ClientInfo", writer.write_out_timed(None)).await?;
+    Ok(key)
+}
+
+async fn read_server_info<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    cfg: &ClientConfig,
+    server_key: &NodePublic,
+    fast_start: bool,
+) -> Result<ServerInfo, ClientError> {
+    loop {
+        let (t, payload) = reader.read_frame(MAX_CLIENT_FRAME_BYTES).await?;
+        // In fast start the server still sends ServerKey first; Go skips it.
+        if fast_start && t == FrameType::ServerKey as u8 {
+            continue;
+        }
+        if t != FrameType::ServerInfo as u8 {
+            return Err(ClientError::Handshake(format!(
+                "first frame after ServerKey is type {t:#04x}, expected ServerInfo (0x03)"
+            )));
+        }
+        let plain = info::open(&cfg.private_key, server_key, &payload)?;
+        return Ok(ServerInfo::from_json(&plain)?);
+    }
 }
 
 /// Reads the upgrade response head and leaves what follows it (DERP frames) in the buffer.

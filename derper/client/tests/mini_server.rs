@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use derp_client::{Client, ClientConfig, ClientError, ServerToClient, TlsTrust, tls};
-use derp_proto::frame::{self, ClientToServer, FrameHeader, HEADER_LEN};
+use derp_proto::frame::{self, ClientToServer, Split};
 use derp_proto::info::{self, ClientInfo, ServerInfo};
 use derp_proto::upgrade::RequestHead;
 use derp_proto::{NodePrivate, NodePublic};
@@ -131,13 +131,12 @@ async fn start(tls: Tls, behavior: Behavior) -> Mini {
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> Option<(u8, Bytes)> {
     loop {
-        if let Some(h) = FrameHeader::parse(buf) {
-            let total = HEADER_LEN + h.len as usize;
-            if buf.len() >= total {
-                let mut f = buf.split_to(total);
-                f.advance(HEADER_LEN);
-                return Some((h.frame_type, f.freeze()));
-            }
+        if let Ok(Split::Frame {
+            frame_type,
+            payload,
+        }) = frame::split_frame(buf, |_| usize::MAX)
+        {
+            return Some((frame_type, payload));
         }
         if r.read_buf(buf).await.ok()? == 0 {
             return None;

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::key::{KEY_LEN, NodePublic};
 
@@ -125,6 +125,62 @@ impl FrameHeader {
             len: u32::from_be_bytes([h[1], h[2], h[3], h[4]]),
         })
     }
+}
+
+/// What [`split_frame`] found at the front of a read buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Split {
+    /// A whole frame, now split off the buffer: its type byte and payload (a slice of the
+    /// buffer's allocation, not a copy).
+    Frame { frame_type: u8, payload: Bytes },
+    /// Fewer than [`HEADER_LEN`] bytes: read more before anything is known.
+    NeedHeader,
+    /// The header is there and within bounds; `missing` more bytes complete the frame, so a
+    /// reader can reserve exactly that.
+    NeedPayload { missing: usize },
+}
+
+/// A header announcing more payload than the reader allows for that frame type. Refused before
+/// any of the payload is read, so a peer cannot make us buffer an arbitrary amount.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("frame type {frame_type:#04x} announces a {len}-byte payload, more than the {max} allowed")]
+pub struct FrameTooLarge {
+    pub frame_type: u8,
+    pub len: usize,
+    pub max: usize,
+}
+
+/// The one frame splitter under both the server's and the client's reader (no I/O: the reader
+/// reads into `buf` and calls this until it yields a frame). `max_payload` gives the largest
+/// payload accepted for a frame type; it is checked as soon as the header is complete.
+pub fn split_frame(
+    buf: &mut BytesMut,
+    max_payload: impl Fn(u8) -> usize,
+) -> Result<Split, FrameTooLarge> {
+    let Some(h) = FrameHeader::parse(buf) else {
+        return Ok(Split::NeedHeader);
+    };
+    let len = h.len as usize;
+    let max = max_payload(h.frame_type);
+    if len > max {
+        return Err(FrameTooLarge {
+            frame_type: h.frame_type,
+            len,
+            max,
+        });
+    }
+    let total = HEADER_LEN + len;
+    if buf.len() < total {
+        return Ok(Split::NeedPayload {
+            missing: total - buf.len(),
+        });
+    }
+    let mut frame = buf.split_to(total);
+    let payload = frame.split_off(HEADER_LEN).freeze();
+    Ok(Split::Frame {
+        frame_type: h.frame_type,
+        payload,
+    })
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -515,6 +571,90 @@ pub fn looks_like_disco(packet: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn split_all(
+        stream: &[u8],
+        chunk: usize,
+        max: usize,
+    ) -> Result<Vec<(u8, Bytes)>, FrameTooLarge> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in stream.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match split_frame(&mut buf, |_| max)? {
+                    Split::Frame {
+                        frame_type,
+                        payload,
+                    } => out.push((frame_type, payload)),
+                    Split::NeedHeader => {
+                        assert!(buf.len() < HEADER_LEN);
+                        break;
+                    }
+                    Split::NeedPayload { missing } => {
+                        let len = FrameHeader::parse(&buf).unwrap().len as usize;
+                        assert_eq!(missing, HEADER_LEN + len - buf.len());
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn split_frame_needs_header_then_payload_then_yields() {
+        let mut buf = BytesMut::from(&[0x04u8, 0, 0][..]);
+        assert_eq!(split_frame(&mut buf, |_| 100), Ok(Split::NeedHeader));
+        buf.extend_from_slice(&[0, 3, b'a']);
+        assert_eq!(
+            split_frame(&mut buf, |_| 100),
+            Ok(Split::NeedPayload { missing: 2 })
+        );
+        buf.extend_from_slice(b"bc\x06");
+        assert_eq!(
+            split_frame(&mut buf, |_| 100),
+            Ok(Split::Frame {
+                frame_type: 0x04,
+                payload: Bytes::from_static(b"abc")
+            })
+        );
+        // The next frame's first byte stays for the next call.
+        assert_eq!(&buf[..], b"\x06");
+    }
+
+    #[test]
+    fn split_frame_refuses_oversize_before_its_payload_arrives() {
+        let mut buf = BytesMut::from(&[0x04u8, 0, 1, 0, 0][..]);
+        assert_eq!(
+            split_frame(&mut buf, |t| if t == 0x04 { 65535 } else { 0 }),
+            Err(FrameTooLarge {
+                frame_type: 0x04,
+                len: 65536,
+                max: 65535
+            })
+        );
+    }
+
+    proptest! {
+        /// However the bytes arrive, the frames come out whole and in order.
+        #[test]
+        fn split_frame_is_independent_of_chunking(
+            frames in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300)), 0..12),
+            chunk in 1usize..700,
+        ) {
+            let mut stream = Vec::new();
+            for (t, p) in &frames {
+                stream.push(*t);
+                stream.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                stream.extend_from_slice(p);
+            }
+            let got = split_all(&stream, chunk, 300).unwrap();
+            let want: Vec<(u8, Bytes)> = frames.into_iter().map(|(t, p)| (t, Bytes::from(p))).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
 
     fn k(b: u8) -> NodePublic {
         NodePublic([b; 32])
