@@ -37,6 +37,8 @@ async fn relay(a: Client, b: Client, n: usize) -> Duration {
     let src = ha.public_key();
     let sizes = [1usize, 60, 1280, 1400, 9000, 65536];
     let start = Instant::now();
+    // How many packets b has received, so the sender keeps a bounded window in flight.
+    let (got_tx, mut got) = tokio::sync::watch::channel(0usize);
     let reader = tokio::spawn(async move {
         for i in 0..n {
             let want = sizes[i % sizes.len()];
@@ -52,20 +54,28 @@ async fn relay(a: Client, b: Client, n: usize) -> Duration {
                     _ => continue,
                 }
             }
+            got_tx.send_replace(i + 1);
         }
     });
-    // Go's per-client queue is 32 deep and drops the oldest: keep fewer than that in flight by
-    // pinging (a Pong means everything before it was read by the server) every 16 packets.
+    // Go's per-client queue is 32 deep and drops the oldest when full: never have more than
+    // 16 packets between the sender and b's reader, whatever the machine's load (pacing by time
+    // lost packets on a busy machine).
+    const WINDOW: usize = 16;
     let mut buf = vec![0u8; 65536];
     for i in 0..n {
+        if i >= WINDOW {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                got.wait_for(|&received| received > i - WINDOW),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("packet {} not relayed within 10 s", i - WINDOW))
+            .unwrap();
+        }
         let size = sizes[i % sizes.len()];
         let id = (i as u32).to_be_bytes();
         buf[..4.min(size)].copy_from_slice(&id[..4.min(size)]);
         ha.send_packet(&dst, &buf[..size]).await.unwrap();
-        if i % 16 == 15 {
-            // Pongs come back on a's reader, which nobody drives here; pace by time instead.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
     }
     tokio::time::timeout(Duration::from_secs(30), reader)
         .await
