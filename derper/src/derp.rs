@@ -14,7 +14,7 @@ use derp_proto::frame::{
     self, ClientToServer, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES, MAX_PACKET_BYTES,
     MIN_CLIENT_INFO_BYTES, PACKET_HEAD_LEN, PeerGoneReason, Split, peer_flags,
 };
-use derp_proto::gather;
+use derp_proto::gather::{self, GATHER_MIN_PACKET, MAX_IOVECS};
 use derp_proto::info::{self, ClientInfo, ServerInfo};
 use derp_proto::key::{KEY_LEN, MeshKey, NodePrivate, NodePublic};
 use rand::Rng;
@@ -47,12 +47,6 @@ const FIRST_READ_BYTES: usize = 64;
 const READ_BUF_MIN_SPARE: usize = 1 << 10;
 /// A write buffer that grew past this in a burst is not kept for the next batch.
 const WRITE_BUF_KEEP: usize = 256 << 10;
-/// Packets at least this large are written from the reader's buffer they arrived in (a
-/// gathered write) instead of being copied into the write buffer behind their frame head;
-/// smaller ones are copied, as an iovec per small packet costs more than the copy.
-const GATHER_MIN_PACKET: usize = 2 << 10;
-/// Iovecs per gathered write: rustls takes at most its 64 KiB buffer limit per call.
-const MAX_IOVECS: usize = 16;
 /// A read buffer's capacity is reported to the buffer gauge when it moved by this much (one
 /// shared atomic per packet would be a contention point on a many-core server).
 const BUF_GAUGE_STEP: usize = 4 << 10;

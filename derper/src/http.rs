@@ -20,7 +20,7 @@ use tracing::debug;
 
 use crate::derp::{ConnMeta, DerpServer};
 use crate::io::Rewind;
-use crate::metrics::ReasonLabel;
+use crate::metrics::{EndpointLabel, ReasonLabel};
 
 /// How long the first request head may take to arrive. Go allows 30 s; DERP clients send it
 /// with (or right after) the TLS handshake, and a shorter bound frees slowloris slots sooner.
@@ -176,6 +176,21 @@ pub async fn readyz(State(st): State<Arc<HttpState>>) -> Response {
 }
 
 /// The public router (also the plain-HTTP one when TLS is off).
+/// The `endpoint` label of `derper_http_requests_total`: a fixed set, so a scanner probing
+/// random paths cannot grow the metric without bound.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/derp" => "derp_plain_http",
+        "/derp/probe" | "/derp/latency-check" => "probe",
+        "/generate_204" => "generate_204",
+        "/bootstrap-dns" => "bootstrap_dns",
+        "/robots.txt" => "robots",
+        "/healthz" | "/readyz" => "health",
+        "/" => "home",
+        _ => "other",
+    }
+}
+
 pub fn router(st: Arc<HttpState>) -> Router {
     Router::new()
         .route("/derp", axum::routing::any(derp_via_hyper))
@@ -327,7 +342,9 @@ pub async fn serve_connection<S>(
     st.derp
         .metrics
         .http_requests
-        .get_or_create(&ReasonLabel { reason: "http" })
+        .get_or_create(&EndpointLabel {
+            endpoint: endpoint_label(&head.path),
+        })
         .inc();
     // Boxed like the WebSocket path: plain HTTP is rare and hyper's state is large.
     Box::pin(serve_http(router, buf.freeze(), stream)).await;

@@ -18,6 +18,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -29,7 +34,6 @@ pub enum DropReason {
     UnknownDestOnFwd,
     GoneDisconnected,
     QueueHead,
-    QueueTail,
     WriteError,
     DupClient,
     MeshQueueFull,
@@ -42,7 +46,6 @@ impl DropReason {
             DropReason::UnknownDestOnFwd => "unknown_dest_on_fwd",
             DropReason::GoneDisconnected => "gone_disconnected",
             DropReason::QueueHead => "queue_head",
-            DropReason::QueueTail => "queue_tail",
             DropReason::WriteError => "write_error",
             DropReason::DupClient => "dup_client",
             DropReason::MeshQueueFull => "mesh_queue_full",
@@ -72,7 +75,7 @@ pub struct Metrics {
     pub packets_dropped: Family<DropLabels, Counter>,
     pub handshake_failures: Family<ReasonLabel, Counter>,
     pub stun_requests: Family<ReasonLabel, Counter>,
-    pub http_requests: Family<ReasonLabel, Counter>,
+    pub http_requests: Family<EndpointLabel, Counter>,
     pub peer_gone_sent: Family<ReasonLabel, Counter>,
     pub cert_reloads: Family<ReasonLabel, Counter>,
     pub clients_refused: Family<ReasonLabel, Counter>,
@@ -174,7 +177,7 @@ impl Metrics {
         );
         r.register(
             "http_requests",
-            "Plain HTTP requests, by endpoint",
+            "Requests on the public listener other than DERP upgrades, by endpoint (a fixed set; unknown paths count as other)",
             self.http_requests.clone(),
         );
         r.register(

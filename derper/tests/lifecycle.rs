@@ -178,3 +178,28 @@ async fn receive_rate_limit_slows_but_does_not_drop() {
     );
     s.shutdown().await;
 }
+
+/// Plain HTTP on the public port is counted by endpoint, from a fixed set of labels.
+#[tokio::test]
+async fn http_requests_are_counted_by_endpoint() {
+    let s = plain().await;
+    let m = s.metrics_addr.unwrap();
+    assert!(
+        http_get(s.derp_addr, "/generate_204")
+            .await
+            .starts_with("HTTP/1.1 204")
+    );
+    for path in ["/no-such-page", "/another/random/path"] {
+        assert!(http_get(s.derp_addr, path).await.starts_with("HTTP/1.1 "));
+    }
+    let metrics = http_get(m, "/metrics").await;
+    assert!(
+        metrics.contains(r#"derper_http_requests_total{endpoint="generate_204"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"derper_http_requests_total{endpoint="other"} 2"#),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}

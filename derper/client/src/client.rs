@@ -21,7 +21,7 @@ use derp_proto::frame::{
     self, FrameType, MAX_CLIENT_FRAME_BYTES, MAX_PACKET_BYTES, PACKET_HEAD_LEN, PROTOCOL_VERSION,
     ServerToClient, Split,
 };
-use derp_proto::gather;
+use derp_proto::gather::{self, GATHER_MIN_PACKET, MAX_IOVECS};
 use derp_proto::info::{self, ClientInfo, ServerInfo};
 use derp_proto::{NodePrivate, NodePublic};
 use rustls_pki_types::ServerName;
@@ -44,13 +44,6 @@ const FLUSH_THRESHOLD_BYTES: usize = 128 << 10;
 const PER_ADDR_DIAL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Initial write buffer: a few WireGuard-sized frames.
 const WRITE_BUF_BYTES: usize = 16 << 10;
-/// Packets at least this large are written from the caller's memory instead of being copied
-/// into the write buffer (for bulk traffic that copy was a sixth of the client's CPU); below
-/// it, one more iovec per packet costs more than copying the bytes.
-const VECTORED_MIN_PACKET: usize = 2 << 10;
-/// Iovecs per vectored write: rustls takes at most its 64 KiB buffer limit per call, so more
-/// would only be rebuilt on the next call.
-const MAX_IOVECS: usize = 16;
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
@@ -333,7 +326,7 @@ impl ClientHandle {
         if let Some(p) = packets.iter().find(|p| p.len() > MAX_PACKET_BYTES) {
             return Err(ClientError::PacketTooLarge(p.len()));
         }
-        if packets.iter().any(|p| p.len() < VECTORED_MIN_PACKET) {
+        if packets.iter().any(|p| p.len() < GATHER_MIN_PACKET) {
             return self
                 .write_frames(|b| {
                     for p in packets {
