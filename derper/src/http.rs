@@ -20,7 +20,7 @@ use tracing::debug;
 
 use crate::derp::{ConnMeta, DerpServer};
 use crate::io::Rewind;
-use crate::metrics::{EndpointLabel, ReasonLabel};
+use crate::metrics::EndpointLabel;
 
 /// How long the first request head may take to arrive. Go allows 30 s; DERP clients send it
 /// with (or right after) the TLS handshake, and a shorter bound frees slowloris slots sooner.
