@@ -211,6 +211,9 @@ pub struct LoadedCert {
     pub certified: Arc<CertifiedKey>,
     pub leaf_der: Vec<u8>,
     pub self_signed: bool,
+    /// The leaf's validity (ACME renews at two thirds of it).
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
     /// Hash of the files' bytes, to notice changes.
     pub fingerprint: [u8; 32],
 }
@@ -240,54 +243,70 @@ pub fn load(
 ) -> Result<LoadedCert, CertError> {
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
+    from_pem(&cert_pem, &files.cert, &key_pem, &files.key, hostname, meta)
+}
+
+/// Builds a served certificate from PEM bytes (`cert_from`/`key_from` name their source in
+/// errors): the chain's leaf must be valid for `hostname`; the meta certificate goes last.
+pub fn from_pem(
+    cert_pem: &[u8],
+    cert_from: &Path,
+    key_pem: &[u8],
+    key_from: &Path,
+    hostname: &str,
+    meta: &CertificateDer<'static>,
+) -> Result<LoadedCert, CertError> {
     let mut h = Sha256::new();
-    h.update(&cert_pem);
-    h.update(&key_pem);
+    h.update(cert_pem);
+    h.update(key_pem);
     let fingerprint: [u8; 32] = h.finalize().into();
 
     let mut chain: Vec<CertificateDer<'static>> = Vec::new();
-    for c in CertificateDer::pem_slice_iter(&cert_pem) {
+    for c in CertificateDer::pem_slice_iter(cert_pem) {
         chain.push(c.map_err(|e| CertError::NoCert {
-            path: files.cert.clone(),
+            path: cert_from.to_path_buf(),
             detail: e.to_string(),
         })?);
     }
     let Some(leaf) = chain.first() else {
         return Err(CertError::NoCert {
-            path: files.cert.clone(),
+            path: cert_from.to_path_buf(),
             detail: "the file holds no CERTIFICATE block".into(),
         });
     };
     let leaf_der = leaf.as_ref().to_vec();
-    let (names, self_signed) = inspect_leaf(&leaf_der).map_err(|detail| CertError::Parse {
-        path: files.cert.clone(),
+    let info = inspect_leaf(&leaf_der).map_err(|detail| CertError::Parse {
+        path: cert_from.to_path_buf(),
         detail,
     })?;
-    if !names.iter().any(|n| n.matches(hostname)) {
+    if !info.names.iter().any(|n| n.matches(hostname)) {
         return Err(CertError::WrongName {
-            path: files.cert.clone(),
+            path: cert_from.to_path_buf(),
             hostname: hostname.to_string(),
-            names: names
+            names: info
+                .names
                 .iter()
                 .map(|n| n.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
         });
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CertError::NoKey {
-        path: files.key.clone(),
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CertError::NoKey {
+        path: key_from.to_path_buf(),
         detail: e.to_string(),
     })?;
     let signer =
         rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| CertError::KeyType {
-            path: files.key.clone(),
+            path: key_from.to_path_buf(),
             detail: e.to_string(),
         })?;
     chain.push(meta.clone());
     Ok(LoadedCert {
         certified: Arc::new(CertifiedKey::new(chain, signer)),
         leaf_der,
-        self_signed,
+        self_signed: info.self_signed,
+        not_before: info.not_before,
+        not_after: info.not_after,
         fingerprint,
     })
 }
@@ -330,9 +349,17 @@ fn dns_matches(pattern: &str, host: &str) -> bool {
     pattern == host
 }
 
-/// The leaf's SAN names (or its CN when it has no SANs, for old certificates) and whether it
-/// is self-signed (issuer == subject).
-fn inspect_leaf(der: &[u8]) -> Result<(Vec<CertName>, bool), String> {
+/// What the server needs to know about its leaf certificate.
+struct LeafInfo {
+    names: Vec<CertName>,
+    self_signed: bool,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+/// The leaf's SAN names (or its CN when it has no SANs, for old certificates), whether it is
+/// self-signed (issuer == subject), and its validity.
+fn inspect_leaf(der: &[u8]) -> Result<LeafInfo, String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let mut names = Vec::new();
@@ -361,7 +388,12 @@ fn inspect_leaf(der: &[u8]) -> Result<(Vec<CertName>, bool), String> {
             }
         }
     }
-    Ok((names, cert.issuer() == cert.subject()))
+    Ok(LeafInfo {
+        names,
+        self_signed: cert.issuer() == cert.subject(),
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+    })
 }
 
 /// Go's SNI rule: a DNS `-hostname` needs that exact SNI; an IP `-hostname` takes any or none.
@@ -381,22 +413,47 @@ impl SniPolicy {
     }
 }
 
-/// Serves the current certificate; a reload swaps it for new handshakes only.
+/// Answers TLS-ALPN-01 challenges (RFC 8737): a handshake offering only `acme-tls/1` gets the
+/// challenge certificate for its SNI instead of the served one.
+pub trait AlpnChallenges: Send + Sync + fmt::Debug {
+    fn challenge_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>>;
+}
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Serves the current certificate; a reload swaps it for new handshakes only. Under ACME there
+/// may be none yet (the first order is under way): those handshakes fail until it arrives.
 #[derive(Debug)]
 pub struct CertResolver {
-    current: RwLock<Arc<LoadedCert>>,
+    current: RwLock<Option<Arc<LoadedCert>>>,
     policy: SniPolicy,
+    challenges: Option<Arc<dyn AlpnChallenges>>,
 }
 
 impl CertResolver {
     pub fn new(initial: LoadedCert, policy: SniPolicy) -> Self {
         CertResolver {
-            current: RwLock::new(Arc::new(initial)),
+            current: RwLock::new(Some(Arc::new(initial))),
             policy,
+            challenges: None,
         }
     }
 
-    pub fn current(&self) -> Arc<LoadedCert> {
+    /// A resolver whose certificate comes from ACME: `initial` from the cache, if any.
+    pub fn for_acme(
+        initial: Option<LoadedCert>,
+        policy: SniPolicy,
+        challenges: Arc<dyn AlpnChallenges>,
+    ) -> Self {
+        CertResolver {
+            current: RwLock::new(initial.map(Arc::new)),
+            policy,
+            challenges: Some(challenges),
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<LoadedCert>> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -404,12 +461,24 @@ impl CertResolver {
     }
 
     pub fn replace(&self, c: LoadedCert) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(c));
+    }
+
+    /// Whether handshakes may negotiate `acme-tls/1`.
+    pub fn answers_alpn_challenges(&self) -> bool {
+        self.challenges.is_some()
     }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(ch) = &self.challenges {
+            let mut alpn = hello.alpn().into_iter().flatten();
+            // RFC 8737: the validation handshake offers acme-tls/1 and nothing else.
+            if alpn.next() == Some(ACME_TLS_ALPN) && alpn.next().is_none() {
+                return hello.server_name().and_then(|sni| ch.challenge_cert(sni));
+            }
+        }
         if let SniPolicy::Exact(want) = &self.policy {
             // Go: "cert mismatch with hostname" — the handshake fails.
             match hello.server_name() {
@@ -417,13 +486,14 @@ impl ResolvesServerCert for CertResolver {
                 _ => return None,
             }
         }
-        Some(self.current().certified.clone())
+        self.current().map(|c| c.certified.clone())
     }
 }
 
 /// The rustls server config: TLS 1.2 and 1.3, ALPN `http/1.1` only (DERP needs HTTP/1.1
 /// hijacking; Go clients send no ALPN at all).
 pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
+    let resolver_answers_challenges = resolver.answers_alpn_challenges();
     let mut provider = rustls::crypto::ring::default_provider();
     // Go's server order on AES hardware: AES-128-GCM first, chosen by the server whatever the
     // client prefers. Go clients already ask for it; rustls clients would otherwise get
@@ -442,6 +512,11 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<rustls::ServerConfig> {
             .with_cert_resolver(resolver),
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if resolver_answers_challenges {
+        // Only a client offering nothing else gets it (rustls picks the first server protocol
+        // the client offers), and the accept loop closes such connections after the handshake.
+        cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     cfg.ignore_client_order = true;
     // Idle TLS state is most of a connection's memory: keep session tickets small and few.
     cfg.send_tls13_tickets = 1;

@@ -69,10 +69,11 @@ pub struct Cli {
     #[arg(long, env = "DERP_DOMAIN", default_value = "derp.tailscale.com")]
     pub hostname: String,
     /// "manual" reads <certdir>/<hostname>.crt/.key (or tls.crt/tls.key); "letsencrypt" and
-    /// "gcp" (ACME) are not supported yet.
+    /// "gcp" order and renew the certificate over ACME (TLS only on port 443, as Go).
     #[arg(long, env = "DERP_CERT_MODE", default_value = "letsencrypt")]
     pub certmode: String,
-    /// Certificate directory (default: the user cache dir + /tailscale/derper-certs, as Go).
+    /// Certificate directory, also ACME's cache (default: the user cache dir +
+    /// /tailscale/derper-certs, as Go; /app/certs in the derper image).
     #[arg(long, env = "DERP_CERT_DIR")]
     pub certdir: Option<PathBuf>,
     /// Server key file in Go's JSON format; created (0600) if missing. Required unless root.
@@ -230,16 +231,40 @@ pub struct Cli {
     pub secrets_cache_dir: Option<String>,
     #[arg(long = "unpublished-bootstrap-dns-names", hide = true)]
     pub unpublished_bootstrap_dns_names: Option<String>,
-    #[arg(long = "acme-eab-kid", hide = true)]
+    /// ACME External Account Binding key id (required by -certmode gcp).
+    #[arg(long = "acme-eab-kid", env = "DERP_ACME_EAB_KID")]
     pub acme_eab_kid: Option<String>,
-    #[arg(long = "acme-eab-key", hide = true)]
+    /// ACME External Account Binding HMAC key, base64 or base64url (required by -certmode gcp).
+    #[arg(
+        long = "acme-eab-key",
+        env = "DERP_ACME_EAB_KEY",
+        hide_env_values = true
+    )]
     pub acme_eab_key: Option<String>,
-    #[arg(long = "acme-email", hide = true)]
+    /// ACME account contact email (required by -certmode gcp).
+    #[arg(long = "acme-email", env = "DERP_ACME_EMAIL")]
     pub acme_email: Option<String>,
-    #[arg(long = "acme-ip-certs", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
-    pub acme_ip_certs: Option<bool>,
+    /// With an IP -hostname and -certmode letsencrypt: a short-lived Let's Encrypt certificate
+    /// for that IP, validated over HTTP-01 on -http-port.
+    #[arg(long = "acme-ip-certs", env = "DERP_ACME_IP_CERTS", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub acme_ip_certs: bool,
+    /// ACME directory URL (default: Let's Encrypt for letsencrypt, Google Trust Services for gcp).
+    #[arg(long = "acme-directory-url", env = "DERP_ACME_DIRECTORY_URL")]
+    pub acme_directory_url: Option<String>,
+    /// CA certificates (PEM) trusted for the ACME directory's HTTPS, besides the system roots.
+    #[arg(long = "acme-ca-file", env = "DERP_ACME_CA_FILE")]
+    pub acme_ca_file: Option<PathBuf>,
     #[arg(long = "ace", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
     pub ace: Option<bool>,
+}
+
+/// Go's decodeEABKey: base64url without padding (the ACME spec), else standard base64.
+fn decode_eab_key(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(s))
+        .ok()
 }
 
 /// Boolean flags: in Go they never take a separate value (`-stun false` is not `-stun=false`).
@@ -433,10 +458,95 @@ impl Cli {
         }))
     }
 
+    /// The ACME settings, checked as Go checks them.
+    fn acme_config(&self) -> Result<crate::config::AcmeConfig, CliError> {
+        use crate::config::{AcmeConfig, Eab, GCP_DIRECTORY, LETSENCRYPT_DIRECTORY};
+        let inv = |flag, message: &str| CliError::Invalid {
+            flag,
+            message: message.into(),
+        };
+        let gcp = self.certmode == "gcp";
+        let ip = self.hostname.parse::<IpAddr>().is_ok();
+        if ip && gcp {
+            return Err(inv(
+                "-hostname",
+                "-certmode gcp needs a DNS name as -hostname, not an IP address",
+            ));
+        }
+        if ip && !self.acme_ip_certs {
+            return Err(inv(
+                "-hostname",
+                "is an IP address: use -certmode manual for a self-signed certificate, or set -acme-ip-certs for a Let's Encrypt IP certificate",
+            ));
+        }
+        if !ip && self.acme_ip_certs {
+            return Err(CliError::Refused {
+                flag: "-acme-ip-certs",
+                message: "with a DNS -hostname (IP certificates for every local address on demand) is not implemented; give the server's IP as -hostname".into(),
+            });
+        }
+        let some = |o: &Option<String>| {
+            o.as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+        };
+        let (kid, key, email) = (
+            some(&self.acme_eab_kid),
+            some(&self.acme_eab_key),
+            some(&self.acme_email),
+        );
+        let eab = match (kid, key) {
+            (Some(kid), Some(key)) => Some(Eab {
+                kid,
+                key: decode_eab_key(&key)
+                    .ok_or_else(|| inv("-acme-eab-key", "is not base64 or base64url"))?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(inv(
+                    "-acme-eab-kid",
+                    "-acme-eab-kid and -acme-eab-key go together",
+                ));
+            }
+        };
+        if gcp && eab.is_none() {
+            return Err(inv(
+                "-certmode",
+                "gcp requires -acme-eab-kid and -acme-eab-key",
+            ));
+        }
+        if gcp && email.is_none() {
+            return Err(inv("-certmode", "gcp requires -acme-email"));
+        }
+        let directory_url = some(&self.acme_directory_url).unwrap_or_else(|| {
+            if gcp {
+                GCP_DIRECTORY
+            } else {
+                LETSENCRYPT_DIRECTORY
+            }
+            .to_string()
+        });
+        if !directory_url.starts_with("https://") {
+            return Err(inv(
+                "--acme-directory-url",
+                "must be an https:// URL (RFC 8555)",
+            ));
+        }
+        Ok(AcmeConfig {
+            certdir: self.certdir.clone().unwrap_or_else(default_certdir),
+            directory_url,
+            ca_file: self.acme_ca_file.clone(),
+            email,
+            eab,
+            ip_certs: self.acme_ip_certs,
+        })
+    }
+
     /// Checks the flags and builds the server configuration.
     pub fn into_config(self) -> Result<Config, CliError> {
         let mesh = self.mesh_config()?;
-        let refusals: [(&'static str, bool, &str); 7] = [
+        let refusals: [(&'static str, bool, &str); 3] = [
             (
                 "-secrets-url",
                 self.secrets_url.is_some()
@@ -448,26 +558,6 @@ impl Cli {
                 "-unpublished-bootstrap-dns-names",
                 self.unpublished_bootstrap_dns_names.is_some(),
                 "unpublished bootstrap DNS names",
-            ),
-            (
-                "-acme-eab-kid",
-                self.acme_eab_kid.is_some(),
-                "ACME (letsencrypt/gcp certificates)",
-            ),
-            (
-                "-acme-eab-key",
-                self.acme_eab_key.is_some(),
-                "ACME (letsencrypt/gcp certificates)",
-            ),
-            (
-                "-acme-email",
-                self.acme_email.is_some(),
-                "ACME (letsencrypt/gcp certificates)",
-            ),
-            (
-                "-acme-ip-certs",
-                self.acme_ip_certs == Some(true),
-                "ACME IP certificates",
             ),
             ("-ace", self.ace == Some(true), "the CONNECT proxy (-ace)"),
         ];
@@ -484,24 +574,22 @@ impl Cli {
             "manual" => TlsMode::Manual {
                 certdir: self.certdir.clone().unwrap_or_else(default_certdir),
             },
-            "letsencrypt" | "gcp" if listen_port == 443 => {
-                return Err(CliError::Refused {
-                    flag: "-certmode",
-                    message: format!(
-                        "{:?} (ACME) is not implemented yet; use -certmode manual with your own certificate, or an IP -hostname for a self-signed one",
-                        self.certmode
-                    ),
-                });
-            }
+            "letsencrypt" | "gcp" if listen_port == 443 => TlsMode::Acme(self.acme_config()?),
             // Go serves plain HTTP when the port is not 443 and certmode is not manual.
             "letsencrypt" | "gcp" => TlsMode::Off,
             other => {
                 return Err(CliError::Invalid {
                     flag: "-certmode",
-                    message: format!("unknown mode {other:?}; use manual"),
+                    message: format!("unknown mode {other:?}; use manual, letsencrypt or gcp"),
                 });
             }
         };
+        if self.acme_ip_certs && self.certmode != "letsencrypt" {
+            return Err(CliError::Invalid {
+                flag: "-acme-ip-certs",
+                message: "requires -certmode letsencrypt".into(),
+            });
+        }
         let key_file = if self.dev {
             None
         } else {
@@ -686,7 +774,12 @@ mod tests {
                 .starts_with("-secrets-url: the setec secret store is not implemented"),
             "{e}"
         );
-        let e = parse(&["-a", ":443", "-c", "/k"])
+        let e = parse(&["-a", ":443", "-c", "/k", "-certmode", "gcp"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("-certmode: gcp requires"), "{e}");
+        let e = parse(&["-a", ":443", "-c", "/k", "-certmode", "bogus"])
             .unwrap()
             .into_config()
             .unwrap_err();
@@ -696,6 +789,81 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert!(e.to_string().starts_with("-home:"), "{e}");
+    }
+
+    #[test]
+    fn acme_flags_as_go_checks_them() {
+        use crate::config::{GCP_DIRECTORY, LETSENCRYPT_DIRECTORY};
+        let acme = |args: &[&str]| {
+            let mut v = vec!["-a", ":443", "-c", "/k"];
+            v.extend_from_slice(args);
+            parse(&v).unwrap().into_config()
+        };
+        // Go's default: letsencrypt for derp.tailscale.com, TLS on 443.
+        let TlsMode::Acme(a) = acme(&["-certdir", "/certs"]).unwrap().tls else {
+            panic!("letsencrypt on :443 is ACME")
+        };
+        assert_eq!(a.directory_url, LETSENCRYPT_DIRECTORY);
+        assert_eq!(a.certdir, PathBuf::from("/certs"));
+        assert!(a.eab.is_none() && a.email.is_none() && !a.ip_certs);
+        // Not on 443: plain HTTP, as Go.
+        let c = parse(&["-a", ":8080", "-c", "/k"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(matches!(c.tls, TlsMode::Off));
+        // gcp: EAB and email required; both key encodings accepted.
+        let TlsMode::Acme(a) = acme(&[
+            "-certmode=gcp",
+            "-hostname=derp.example.com",
+            "-acme-eab-kid=kid-1",
+            "-acme-eab-key=zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
+            "-acme-email=ops@example.com",
+        ])
+        .unwrap()
+        .tls
+        else {
+            panic!("gcp is ACME")
+        };
+        assert_eq!(a.directory_url, GCP_DIRECTORY);
+        assert_eq!(a.eab.as_ref().unwrap().key.len(), 48);
+        assert_eq!(decode_eab_key("aGk=").unwrap(), b"hi");
+        let e = acme(&[
+            "-certmode=gcp",
+            "-hostname=d.example.com",
+            "-acme-email=a@b",
+        ]);
+        assert!(e.unwrap_err().to_string().contains("-acme-eab-kid"));
+        let e = acme(&["-acme-eab-kid=k", "-hostname=d.example.com"]).unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
+        // IP hostnames: refused unless -acme-ip-certs, as Go says.
+        let e = acme(&["-hostname=192.0.2.1"]).unwrap_err().to_string();
+        assert!(e.contains("-acme-ip-certs") && e.contains("manual"), "{e}");
+        let TlsMode::Acme(a) = acme(&["-hostname=192.0.2.1", "-acme-ip-certs"])
+            .unwrap()
+            .tls
+        else {
+            panic!("IP certs are ACME")
+        };
+        assert!(a.ip_certs);
+        let e = acme(&["-certmode=manual", "-acme-ip-certs"]).unwrap_err();
+        assert!(
+            e.to_string().contains("requires -certmode letsencrypt"),
+            "{e}"
+        );
+        // Directory and CA overrides.
+        let TlsMode::Acme(a) = acme(&[
+            "--acme-directory-url=https://pebble:14000/dir",
+            "--acme-ca-file=/ca.pem",
+        ])
+        .unwrap()
+        .tls
+        else {
+            panic!()
+        };
+        assert_eq!(a.directory_url, "https://pebble:14000/dir");
+        assert_eq!(a.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert!(acme(&["--acme-directory-url=http://x/dir"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,44 @@ pub enum TlsMode {
     Off,
     /// Certificates from `certdir` (Go's `-certmode manual`), reloaded on change.
     Manual { certdir: PathBuf },
+    /// Certificates ordered and renewed over ACME (Go's `-certmode letsencrypt` and `gcp`).
+    Acme(AcmeConfig),
+}
+
+/// Let's Encrypt directory, Go's default for `-certmode letsencrypt`.
+pub const LETSENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Google Trust Services' directory, Go's fixed one for `-certmode gcp`.
+pub const GCP_DIRECTORY: &str = "https://dv.acme-v02.api.pki.goog/directory";
+
+/// An ACME external account binding (`-acme-eab-kid`, `-acme-eab-key`).
+#[derive(Clone)]
+pub struct Eab {
+    pub kid: String,
+    /// The decoded HMAC key.
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Eab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How certificates are ordered over ACME.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// Account, certificates and keys live here, so a restart does not order again.
+    pub certdir: PathBuf,
+    pub directory_url: String,
+    /// A CA (PEM) trusted for the directory's HTTPS besides the system roots (private CAs,
+    /// tests).
+    pub ca_file: Option<PathBuf>,
+    pub email: Option<String>,
+    pub eab: Option<Eab>,
+    /// `-acme-ip-certs`: an IP `-hostname` gets a short-lived IP certificate over HTTP-01.
+    pub ip_certs: bool,
 }
 
 /// What `--print-derpmap` and the startup log say about this node.

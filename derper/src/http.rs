@@ -205,8 +205,9 @@ pub fn router(st: Arc<HttpState>) -> Router {
         .with_state(st)
 }
 
-/// The port-80 listener next to TLS: captive checks, health, and a redirect to HTTPS.
-pub fn port80_router(st: Arc<HttpState>) -> Router {
+/// The port-80 listener next to TLS: captive checks, health, ACME HTTP-01 answers (under
+/// `-certmode letsencrypt/gcp`), and a redirect to HTTPS.
+pub fn port80_router(st: Arc<HttpState>, acme: Option<Arc<crate::acme::Challenges>>) -> Router {
     async fn redirect(method: Method, headers: HeaderMap, uri: Uri) -> Response {
         if method != Method::GET && method != Method::HEAD {
             return (StatusCode::BAD_REQUEST, "Use HTTPS\n").into_response();
@@ -223,12 +224,28 @@ pub fn port80_router(st: Arc<HttpState>) -> Router {
             Err(_) => (StatusCode::BAD_REQUEST, "bad Host\n").into_response(),
         }
     }
-    Router::new()
+    let mut r = Router::new()
         .route("/generate_204", axum::routing::any(generate_204))
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .fallback(redirect)
-        .with_state(st)
+        .with_state(st);
+    if let Some(ch) = acme {
+        let answer = move |axum::extract::Path(token): axum::extract::Path<String>| {
+            let ch = ch.clone();
+            async move {
+                match ch.http_response(&token) {
+                    Some(ka) => ([(header::CONTENT_TYPE, "text/plain")], ka).into_response(),
+                    None => (StatusCode::NOT_FOUND, "no such ACME challenge\n").into_response(),
+                }
+            }
+        };
+        r = r.route(
+            &format!("{}{{token}}", crate::acme::challenge::HTTP01_PREFIX),
+            axum::routing::get(answer),
+        );
+    }
+    r
 }
 
 fn simple_response(status: &str, body: &str) -> Vec<u8> {
@@ -416,15 +433,35 @@ where
     }
 }
 
-/// Keeps `/bootstrap-dns` answers fresh.
-pub async fn refresh_bootstrap_dns(st: Arc<HttpState>, names: Vec<String>) {
+/// How long one bootstrap DNS lookup may take (the resolver's own timeouts can be minutes).
+pub const BOOTSTRAP_DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keeps `/bootstrap-dns` answers fresh until `shutdown`. Lookups run on tokio's blocking pool
+/// (getaddrinfo cannot be cancelled), so shutdown stops waiting for them instead of waiting
+/// them out: an abandoned lookup finishes on its own and its answer is dropped.
+pub async fn refresh_bootstrap_dns(
+    st: Arc<HttpState>,
+    names: Vec<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     if names.is_empty() {
         return;
     }
     loop {
         let mut m = BTreeMap::new();
         for name in &names {
-            let ips: Vec<IpAddr> = match tokio::net::lookup_host((name.as_str(), 0)).await {
+            let lookup = tokio::time::timeout(
+                BOOTSTRAP_DNS_LOOKUP_TIMEOUT,
+                tokio::net::lookup_host((name.as_str(), 0)),
+            );
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = lookup => r.unwrap_or_else(|_| Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {BOOTSTRAP_DNS_LOOKUP_TIMEOUT:?}"),
+                ))),
+            };
+            let ips: Vec<IpAddr> = match result {
                 Ok(addrs) => {
                     let mut v: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
                     v.sort();
@@ -439,6 +476,9 @@ pub async fn refresh_bootstrap_dns(st: Arc<HttpState>, names: Vec<String>) {
             m.insert(name.clone(), ips);
         }
         *st.bootstrap_dns.write().await = Some(m);
-        tokio::time::sleep(BOOTSTRAP_DNS_REFRESH).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(BOOTSTRAP_DNS_REFRESH) => {}
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The derper server: listeners, TLS, HTTP, the DERP connection registry and STUN.
 //! The wire format lives in `derp-proto`; this crate does the I/O.
 
+pub mod acme;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -78,6 +78,9 @@ pub struct Metrics {
     pub http_requests: Family<EndpointLabel, Counter>,
     pub peer_gone_sent: Family<ReasonLabel, Counter>,
     pub cert_reloads: Family<ReasonLabel, Counter>,
+    pub acme_orders: Family<ReasonLabel, Counter>,
+    /// Unix time at which the served certificate expires (0 until there is one).
+    pub cert_not_after: Gauge,
     pub clients_refused: Family<ReasonLabel, Counter>,
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub restarting_sent: Counter,
@@ -189,6 +192,16 @@ impl Metrics {
             "cert_reloads",
             "Certificate reload attempts, by result",
             self.cert_reloads.clone(),
+        );
+        r.register(
+            "acme_orders",
+            "ACME certificate orders (-certmode letsencrypt/gcp), by result: ok or the problem kind",
+            self.acme_orders.clone(),
+        );
+        r.register(
+            "cert_not_after_seconds",
+            "Unix time at which the served TLS certificate expires",
+            self.cert_not_after.clone(),
         );
         r.register(
             "clients_refused",

@@ -181,20 +181,42 @@ fn tune_accepted(s: &TcpStream, cfg: &Config) {
 /// The certificate side of a TLS server, ready to serve.
 pub struct PreparedTls {
     pub resolver: Arc<CertResolver>,
-    pub files: certs::CertFiles,
+    /// The certificate files reloaded on change (`-certmode manual`).
+    pub files: Option<certs::CertFiles>,
     pub meta: rustls_pki_types::CertificateDer<'static>,
     /// `sha256-raw:` pin when the leaf is self-signed.
     pub pin: Option<String>,
+    /// The certificate's orderer (`-certmode letsencrypt/gcp`), to run once listening.
+    pub acme: Option<crate::acme::AcmeManager>,
 }
 
 /// Finds (or, for an IP hostname, creates) the certificate and checks it, as Go's manual mode
-/// does at startup.
+/// does at startup; under ACME, reads its cache (ordering starts with the server).
 pub fn prepare_tls(
     cfg: &Config,
     public_key: &NodePublic,
+    metrics: &Arc<Metrics>,
 ) -> Result<Option<PreparedTls>, ServerError> {
-    let TlsMode::Manual { certdir } = &cfg.tls else {
-        return Ok(None);
+    let certdir = match &cfg.tls {
+        TlsMode::Off => return Ok(None),
+        TlsMode::Manual { certdir } => certdir,
+        TlsMode::Acme(acme) => {
+            let meta = certs::meta_cert(public_key)?;
+            let m = crate::acme::AcmeManager::prepare(
+                acme.clone(),
+                &cfg.hostname,
+                cfg.http_port.is_some(),
+                meta.clone(),
+                metrics.clone(),
+            )?;
+            return Ok(Some(PreparedTls {
+                resolver: m.resolver(),
+                files: None,
+                meta,
+                pin: None,
+                acme: Some(m),
+            }));
+        }
     };
     let meta = certs::meta_cert(public_key)?;
     let files = match certs::locate(certdir, &cfg.hostname) {
@@ -217,9 +239,10 @@ pub fn prepare_tls(
     ));
     Ok(Some(PreparedTls {
         resolver,
-        files,
+        files: Some(files),
         meta,
         pin,
+        acme: None,
     }))
 }
 
@@ -229,7 +252,7 @@ pub fn configured_map(cfg: &Config) -> Result<DerpMap, ServerError> {
         Some(p) => load_or_create_key(p)?,
         None => NodePrivate::generate(),
     };
-    let tls = prepare_tls(cfg, &private_key.public())?;
+    let tls = prepare_tls(cfg, &private_key.public(), &Arc::new(Metrics::default()))?;
     let stun = cfg
         .stun_port
         .map(|p| SocketAddr::new(cfg.listen_host.unwrap_or(IpAddr::from([0, 0, 0, 0])), p));
@@ -251,8 +274,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     let public_key = private_key.public();
     let metrics = Arc::new(Metrics::default());
 
-    let tls = prepare_tls(&cfg, &public_key)?;
+    let mut tls = prepare_tls(&cfg, &public_key, &metrics)?;
     let pin = tls.as_ref().and_then(|t| t.pin.clone());
+    let acme = tls.as_mut().and_then(|t| t.acme.take());
     let resolver = tls.map(|t| (t.resolver, t.files, t.meta));
 
     let verifier = if cfg.verify.enabled() {
@@ -337,7 +361,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         (true, Some(port)) => {
             let l = bind_tcp_any(cfg.listen_host, port, "HTTP")?;
             let addr = l.local_addr().ok();
-            let router = http::port80_router(http_state.clone());
+            let router =
+                http::port80_router(http_state.clone(), acme.as_ref().map(|a| a.challenges()));
             tasks.spawn(serve_plain_http(l, router, shutdown.clone()));
             addr
         }
@@ -375,16 +400,23 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     tasks.spawn(http::refresh_bootstrap_dns(
         http_state.clone(),
         cfg.bootstrap_dns_names.clone(),
+        shutdown.clone(),
     ));
+    if let Some(a) = acme {
+        // Listeners are up: the CA's validation can reach both challenge ports.
+        tasks.spawn(a.run(shutdown.clone()));
+    }
     if let Some(p) = cfg.rate_config.clone() {
         tasks.spawn(reload_rate_config_on_hup(derp.clone(), p, shutdown.clone()));
     }
 
-    let cert_files = resolver
-        .as_ref()
-        .map(|(_, f, m)| (f.clone(), m.clone(), cfg.hostname.clone()));
+    let cert_files = resolver.as_ref().and_then(|(_, f, m)| {
+        f.as_ref()
+            .map(|f| (f.clone(), m.clone(), cfg.hostname.clone()))
+    });
     let resolver = match resolver {
-        Some((r, files, meta)) => {
+        Some((r, None, _)) => Some(r),
+        Some((r, Some(files), meta)) => {
             tasks.spawn(reload_certs(
                 r.clone(),
                 files,
@@ -402,7 +434,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         let pin_source = resolver.clone();
         let own_pin = pin_source.map(|r| {
             Arc::new(move || {
-                let c = r.current();
+                let c = r.current()?;
                 c.self_signed.then(|| certs::pin_of(&c.leaf_der))
             }) as crate::mesh::PinSource
         });
@@ -561,6 +593,9 @@ async fn accept_loop(
                 None => http::serve_connection(st, router, sock, remote).await,
                 Some(acc) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
+                        // A TLS-ALPN-01 validation: the handshake was the answer.
+                        Ok(Ok(tls))
+                            if tls.get_ref().1.alpn_protocol() == Some(certs::ACME_TLS_ALPN) => {}
                         Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote).await,
                         Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
                         Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
@@ -636,7 +671,7 @@ pub fn reload_once(
 ) -> bool {
     let label = |reason| ReasonLabel { reason };
     match certs::load(files, hostname, meta) {
-        Ok(new) if new.fingerprint != r.current().fingerprint => {
+        Ok(new) if r.current().is_none_or(|c| new.fingerprint != c.fingerprint) => {
             info!(pin = %certs::pin_of(&new.leaf_der), "certificate changed on disk: serving the new one to new connections");
             r.replace(new);
             metrics.cert_reloads.get_or_create(&label("ok")).inc();
