@@ -29,6 +29,9 @@ use crate::registry::Registry;
 /// slot before authentication.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for the server's tasks after the connections are stopped, at least.
+const TASK_JOIN_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("key file {path}: {detail}")]
@@ -547,9 +550,13 @@ async fn accept_loop(
             .get_or_create(&ReasonLabel { reason })
             .inc();
     };
+    // Connection tasks are owned here: DERP connections end on the connections' token (after
+    // their Restarting frame); whatever is left then (plain HTTP, handshakes) is aborted.
+    let mut conns = JoinSet::new();
     loop {
         let (sock, remote) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -587,7 +594,7 @@ async fn accept_loop(
         let st = st.clone();
         let router = router.clone();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _permit = permit;
             match acceptor {
                 None => http::serve_connection(st, router, sock, remote).await,
@@ -604,6 +611,9 @@ async fn accept_loop(
             }
         });
     }
+    drop(listener);
+    st.derp.shutdown.cancelled().await;
+    conns.shutdown().await;
 }
 
 async fn serve_plain_http(listener: TcpListener, router: Router, shutdown: CancellationToken) {
@@ -707,7 +717,23 @@ impl ServerHandle {
         }
         let cut = self.derp.registry.all_conns().len();
         self.conns_stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        // Every task takes one of the two tokens; one that does not end by the deadline (a
+        // bug, or I/O that cannot be cancelled) is aborted rather than waited for.
+        let join_by = deadline.max(tokio::time::Instant::now() + TASK_JOIN_GRACE);
+        loop {
+            match tokio::time::timeout_at(join_by, self.tasks.join_next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(
+                        left = self.tasks.len(),
+                        "tasks still running at the shutdown deadline: aborting them"
+                    );
+                    self.tasks.shutdown().await;
+                    break;
+                }
+            }
+        }
         let report = ShutdownReport {
             clients_told: conns.len(),
             clients_cut: cut,

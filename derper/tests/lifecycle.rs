@@ -202,4 +202,55 @@ async fn http_requests_are_counted_by_endpoint() {
         "{metrics}"
     );
     s.shutdown().await;
+/// -bootstrap-dns-names: the refresh task (a lookup, then ten minutes of sleep) must not hold
+/// shutdown. Before the fix it took no cancellation and shutdown waited for it forever. An idle
+/// plain-HTTP keep-alive connection must not hold it either.
+#[tokio::test]
+async fn shutdown_with_bootstrap_dns_and_idle_http_is_prompt() {
+    let mut cfg = Config::for_tests();
+    cfg.bootstrap_dns_names = vec!["localhost".into(), "nonexistent.invalid".into()];
+    cfg.shutdown_timeout = Duration::from_secs(2);
+    let s = server(cfg).await;
+    // The first refresh has run once /bootstrap-dns answers with the names.
+    let addr = s.derp_addr;
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = http_get(addr, "/bootstrap-dns").await;
+        if body.contains("localhost") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(body.contains("\"localhost\""), "{body}");
+    // A keep-alive HTTP connection left open.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        idle.write_all(b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    let t0 = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(10), s.shutdown())
+        .await
+        .expect("shutdown returns with -bootstrap-dns-names set");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "shutdown took {:?} (timeout 2 s + 1 s grace)",
+        t0.elapsed()
+    );
+    assert_eq!(report.clients_cut, 0);
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    sock.read_to_string(&mut out).await.unwrap();
+    out
 }

@@ -275,6 +275,7 @@ impl AcmeManager {
                     AcmeError::Local(format!("the CA offers no {ty:?} challenge"))
                 })?;
                 let ka = ch.key_authorization();
+                info!(host = %self.ident.name(), challenge = ?ty, "ACME: answering the CA's challenge");
                 published.push(match ty {
                     ChallengeType::TlsAlpn01 => self
                         .challenges

@@ -10,6 +10,8 @@
 //	e2ekit admit      one derphttp client with a given (or random) node key: admitted or refused
 //	e2ekit nodekey    the node private key in a tailscaled state file
 //	e2ekit serverkey  the public key of a derper -c key file
+//	e2ekit hold       many clients relaying in pairs while the server changes under them (no drops)
+//	e2ekit certinfo   the certificate a server presents to a Go TLS client
 package main
 
 import (
@@ -72,7 +74,7 @@ func fatalf(format string, args ...any) {
 
 func main() {
 	if len(os.Args) < 2 {
-		fatalf("usage: e2ekit pair|failover|certreload|flood|slowloris|admit|nodekey|serverkey FLAGS")
+		fatalf("usage: e2ekit pair|failover|certreload|flood|slowloris|admit|nodekey|serverkey|hold|certinfo FLAGS")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -92,6 +94,10 @@ func main() {
 		cmdNodeKey(args)
 	case "serverkey":
 		cmdServerKey(args)
+	case "hold":
+		cmdHold(args)
+	case "certinfo":
+		cmdCertInfo(args)
 	default:
 		fatalf("unknown subcommand %q", os.Args[1])
 	}
