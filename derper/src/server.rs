@@ -38,6 +38,8 @@ pub enum ServerError {
     KeyFile { path: String, detail: String },
     #[error(transparent)]
     Cert(#[from] certs::CertError),
+    #[error(transparent)]
+    Acme(#[from] crate::acme::PrepareError),
     #[error("{0}")]
     Verify(String),
     #[error(transparent)]

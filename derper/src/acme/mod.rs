@@ -50,6 +50,17 @@ pub struct AcmeManager {
     meta: CertificateDer<'static>,
     metrics: Arc<Metrics>,
     account: tokio::sync::Mutex<Option<Account>>,
+    /// TLS to the directory: checked at start, so a bad --acme-ca-file stops the derper there.
+    directory_tls: rustls::ClientConfig,
+}
+
+/// What stops the derper at start under ACME.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Cert(#[from] certs::CertError),
+    #[error("--acme-ca-file {path}: {detail}")]
+    CaFile { path: String, detail: String },
 }
 
 impl std::fmt::Debug for AcmeManager {
@@ -70,7 +81,8 @@ impl AcmeManager {
         http01: bool,
         meta: CertificateDer<'static>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, certs::CertError> {
+    ) -> Result<Self, PrepareError> {
+        let directory_tls = directory_tls(cfg.ca_file.as_deref())?;
         cache::ensure_dir(&cfg.certdir)?;
         let ident = Ident::parse(hostname);
         let cached = match cache::load(&cfg.certdir, &ident, &meta) {
@@ -105,6 +117,7 @@ impl AcmeManager {
             meta,
             metrics,
             account: tokio::sync::Mutex::new(None),
+            directory_tls,
         })
     }
 
@@ -425,36 +438,10 @@ impl AcmeManager {
         Ok(account)
     }
 
-    /// HTTPS to the directory with the derper's rustls (ring): system roots, Mozilla's roots,
-    /// and `--acme-ca-file`.
+    /// HTTPS to the directory.
     fn http_client(&self) -> Result<Box<dyn instant_acme::HttpClient>, AcmeError> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-        if let Some(p) = &self.cfg.ca_file {
-            use rustls_pki_types::pem::PemObject;
-            let certs: Vec<_> = CertificateDer::pem_file_iter(p)
-                .map_err(|e| AcmeError::Local(format!("--acme-ca-file {}: {e}", p.display())))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| AcmeError::Local(format!("--acme-ca-file {}: {e}", p.display())))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(AcmeError::Local(format!(
-                    "--acme-ca-file {}: no usable CA certificate in it",
-                    p.display()
-                )));
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AcmeError::Local(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(self.directory_tls.clone())
             .https_only()
             .enable_http1()
             .build();
@@ -463,6 +450,36 @@ impl AcmeManager {
                 .build::<_, instant_acme::BodyWrapper<bytes::Bytes>>(https);
         Ok(Box::new(client))
     }
+}
+
+/// The derper's rustls (ring) for the directory: system roots, Mozilla's roots, and
+/// `--acme-ca-file`.
+fn directory_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, PrepareError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(p) = ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let err = |detail: String| PrepareError::CaFile {
+            path: p.display().to_string(),
+            detail,
+        };
+        let certs: Vec<_> = CertificateDer::pem_file_iter(p)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(err("no usable CA certificate in it".into()));
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| PrepareError::CaFile {
+            path: String::new(),
+            detail: format!("TLS setup: {e}"),
+        })
 }
 
 /// How long until a certificate valid `[not_before, not_after]` should be renewed at `now`:

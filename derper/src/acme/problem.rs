@@ -71,6 +71,10 @@ fn kind_of(p: &Problem) -> &'static str {
         )
         .find(|t| !t.is_empty() && *t != "malformed" && *t != "serverInternal")
         .unwrap_or_else(|| problem_type(p));
+    // Some CAs (Pebble among them) report a name that does not resolve as malformed.
+    if matches!(t, "malformed" | "") && mentions_dns(p) {
+        return "dns";
+    }
     match t {
         "dns" => "dns",
         "connection" => "connection",
@@ -87,6 +91,24 @@ fn kind_of(p: &Problem) -> &'static str {
         "serverInternal" => "ca_internal",
         _ => "refused",
     }
+}
+
+fn mentions_dns(p: &Problem) -> bool {
+    std::iter::once(p.detail.as_deref())
+        .chain(p.subproblems.iter().map(|s| s.detail.as_deref()))
+        .flatten()
+        .any(|d| {
+            let d = d.to_ascii_lowercase();
+            [
+                "could not resolve",
+                "no such host",
+                "nxdomain",
+                "servfail",
+                "dns problem",
+            ]
+            .iter()
+            .any(|w| d.contains(w))
+        })
 }
 
 fn describe(p: &Problem) -> String {
@@ -186,5 +208,15 @@ mod tests {
         };
         assert_eq!(e.kind(), "caa");
         assert!(e.to_string().contains("CAA forbids"), "{e}");
+
+        // Pebble's answer for a name that does not resolve.
+        let e = AcmeError::Ca {
+            problem: problem(
+                r#"{"type":"urn:ietf:params:acme:error:malformed","detail":"Could not resolve URL \"derp.acme.test\""}"#,
+            ),
+            host: "derp.acme.test".into(),
+        };
+        assert_eq!(e.kind(), "dns");
+        assert!(e.to_string().contains("DNS A/AAAA records"), "{e}");
     }
 }
