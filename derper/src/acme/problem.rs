@@ -71,8 +71,9 @@ fn kind_of(p: &Problem) -> &'static str {
         )
         .find(|t| !t.is_empty() && *t != "malformed" && *t != "serverInternal")
         .unwrap_or_else(|| problem_type(p));
-    // Some CAs (Pebble among them) report a name that does not resolve as malformed.
-    if matches!(t, "malformed" | "") && mentions_dns(p) {
+    // Some CAs (Pebble among them) report a name that does not resolve as malformed or as a
+    // connection failure.
+    if matches!(t, "malformed" | "connection" | "") && mentions_dns(p) {
         return "dns";
     }
     match t {
