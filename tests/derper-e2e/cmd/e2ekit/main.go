@@ -12,6 +12,7 @@
 //	e2ekit serverkey  the public key of a derper -c key file
 //	e2ekit hold       many clients relaying in pairs while the server changes under them (no drops)
 //	e2ekit certinfo   the certificate a server presents to a Go TLS client
+//	e2ekit rate       the rate one client's packets reach another (-rate-config)
 package main
 
 import (
@@ -74,7 +75,7 @@ func fatalf(format string, args ...any) {
 
 func main() {
 	if len(os.Args) < 2 {
-		fatalf("usage: e2ekit pair|failover|certreload|flood|slowloris|admit|nodekey|serverkey|hold|certinfo FLAGS")
+		fatalf("usage: e2ekit pair|failover|certreload|flood|slowloris|admit|nodekey|serverkey|hold|certinfo|rate FLAGS")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -98,6 +99,8 @@ func main() {
 		cmdHold(args)
 	case "certinfo":
 		cmdCertInfo(args)
+	case "rate":
+		cmdRate(args)
 	default:
 		fatalf("unknown subcommand %q", os.Args[1])
 	}
