@@ -479,6 +479,12 @@ impl Cli {
                 "is an IP address: use -certmode manual for a self-signed certificate, or set -acme-ip-certs for a Let's Encrypt IP certificate",
             ));
         }
+        if ip && self.http_port < 0 {
+            return Err(inv(
+                "-acme-ip-certs",
+                "IP certificates are validated over HTTP-01: -http-port must not be -1",
+            ));
+        }
         if !ip && self.acme_ip_certs {
             return Err(CliError::Refused {
                 flag: "-acme-ip-certs",
@@ -846,6 +852,8 @@ mod tests {
             panic!("IP certs are ACME")
         };
         assert!(a.ip_certs);
+        let e = acme(&["-hostname=192.0.2.1", "-acme-ip-certs", "-http-port", "-1"]).unwrap_err();
+        assert!(e.to_string().contains("HTTP-01"), "{e}");
         let e = acme(&["-certmode=manual", "-acme-ip-certs"]).unwrap_err();
         assert!(
             e.to_string().contains("requires -certmode letsencrypt"),

@@ -237,6 +237,9 @@ pub fn prepare_tls(
     };
     let loaded = certs::load(&files, &cfg.hostname, &meta)?;
     let pin = loaded.self_signed.then(|| certs::pin_of(&loaded.leaf_der));
+    metrics
+        .cert_not_after
+        .set(loaded.not_after.unix_timestamp());
     info!(cert = %files.cert.display(), self_signed = loaded.self_signed, "TLS certificate loaded");
     let resolver = Arc::new(CertResolver::new(
         loaded,
@@ -685,6 +688,7 @@ pub fn reload_once(
     match certs::load(files, hostname, meta) {
         Ok(new) if r.current().is_none_or(|c| new.fingerprint != c.fingerprint) => {
             info!(pin = %certs::pin_of(&new.leaf_der), "certificate changed on disk: serving the new one to new connections");
+            metrics.cert_not_after.set(new.not_after.unix_timestamp());
             r.replace(new);
             metrics.cert_reloads.get_or_create(&label("ok")).inc();
             true

@@ -179,6 +179,14 @@ impl AcmeManager {
                     self.resolver.replace(cert);
                 }
                 Err(e) => {
+                    if e.kind() == "account_gone" {
+                        // Deactivated or deleted at the CA: forget it, register anew.
+                        *self.account.lock().await = None;
+                        let _ = std::fs::remove_file(cache::account_path(
+                            &self.cfg.certdir,
+                            &self.cfg.directory_url,
+                        ));
+                    }
                     failures = failures.saturating_add(1);
                     let current = self.resolver.current();
                     let delay = retry_delay(
@@ -547,6 +555,23 @@ mod tests {
         );
         // Already past: now.
         assert_eq!(renew_wait(nb, na, na), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("ca.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let e = directory_tls(Some(&junk)).unwrap_err().to_string();
+        assert!(e.contains("ca.pem") && e.contains("no usable CA"), "{e}");
+        let e = directory_tls(Some(&dir.path().join("missing.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--acme-ca-file"), "{e}");
+        let (ca, _) = certs::self_signed_for_ip("127.0.0.1".parse().unwrap()).unwrap();
+        std::fs::write(&junk, ca).unwrap();
+        assert!(directory_tls(Some(&junk)).is_ok());
+        assert!(directory_tls(None).is_ok());
     }
 
     #[test]

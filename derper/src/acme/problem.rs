@@ -89,6 +89,7 @@ fn kind_of(p: &Problem) -> &'static str {
         "unauthorizedExternalAccount" | "malformedExternalAccount" => "eab_refused",
         "invalidProfile" => "invalid_profile",
         "badNonce" => "bad_nonce",
+        "accountDoesNotExist" => "account_gone",
         "serverInternal" => "ca_internal",
         _ => "refused",
     }
@@ -157,6 +158,9 @@ fn hint_suffix(p: &Problem, host: &str) -> String {
         "eab_refused" => "the CA refused the external account binding: check -acme-eab-kid and \
                           -acme-eab-key (base64url HMAC key, as the CA printed it)"
             .into(),
+        "account_gone" => {
+            "the CA no longer knows the saved account: a new one is registered on the next try".into()
+        }
         "invalid_profile" => {
             "the CA does not offer the short-lived profile IP certificates need".into()
         }
