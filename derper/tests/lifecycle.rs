@@ -202,6 +202,8 @@ async fn http_requests_are_counted_by_endpoint() {
         "{metrics}"
     );
     s.shutdown().await;
+}
+
 /// -bootstrap-dns-names: the refresh task (a lookup, then ten minutes of sleep) must not hold
 /// shutdown. Before the fix it took no cancellation and shutdown waited for it forever. An idle
 /// plain-HTTP keep-alive connection must not hold it either.
