@@ -55,6 +55,11 @@ async fn run(config: derper::config::Config, print: Option<String>) -> anyhow::R
         }
         return Ok(());
     }
+    // Signal handlers go in before anything is served: a SIGTERM (or SIGHUP) that arrives while
+    // the server starts must mean a graceful stop (or a reload), not the default action, which
+    // kills the process. tokio keeps a handler once installed.
+    let stop = StopSignal::install();
+    drop(derper::signals::Hangups::new());
     let shutdown = CancellationToken::new();
     let handle = derper::server::start(config, shutdown.clone())
         .await
@@ -66,28 +71,35 @@ async fn run(config: derper::config::Config, print: Option<String>) -> anyhow::R
         map.to_json_pretty(),
         map.to_headscale_yaml()
     );
-    wait_for_signal().await;
+    stop.wait().await;
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or Ctrl-C.
+struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignal {
+    fn install() -> Self {
+        StopSignal {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        if let Some(mut term) = self.term {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
