@@ -1,7 +1,8 @@
 //! The command line, compatible with Go's derper: the same flag names and meanings, written
 //! Go's way (`-a :443`, `-hostname=x`, `-stun=false`) or `--a=:443`, and the environment
-//! variables of the classic Docker recipe (`DERP_DOMAIN`, `DERP_ADDR=12345`, ...). Flags Go has
-//! that we do not implement yet are recognised and refused, never silently ignored.
+//! variables of the classic Docker recipe (`DERP_DOMAIN`, `DERP_ADDR=12345`, ...). The few Go flags
+//! we do not implement (setec secrets, unpublished bootstrap names, `-ace`) are recognised and
+//! refused, never silently ignored.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -54,7 +55,11 @@ pub fn go_duration(s: &str) -> Result<Duration, String> {
         total += v * mult;
         rest = tail;
     }
-    Ok(Duration::from_secs_f64(total))
+    // Go's limit (about 290 years) and never a panic on what a user typed.
+    Duration::try_from_secs_f64(total)
+        .ok()
+        .filter(|d| d.as_secs() <= i64::MAX as u64 / 1_000_000_000)
+        .ok_or_else(|| format!("invalid duration {s:?}: out of range"))
 }
 
 /// A DERP relay and STUN server for Tailscale clients; a drop-in for Tailscale's Go derper.
@@ -172,7 +177,7 @@ pub struct Cli {
     #[arg(long = "insecure-for-tests", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
     pub insecure_for_tests: bool,
 
-    // ---- Go flags recognised but not implemented yet: refused with a message ----
+    // ---- Mesh, admission, limits and shutdown ----
     /// File holding the region's mesh key (64 hex digits). Default: /home/derp/keys/derp-mesh.key
     /// or $HOME/keys/derp-mesh.key if one exists, as Go.
     #[arg(long = "mesh-psk-file", env = "DERP_MESH_PSK_FILE")]
@@ -223,6 +228,8 @@ pub struct Cli {
     /// How long SIGTERM waits for clients to take their Restarting frame and leave.
     #[arg(long = "shutdown-timeout", env = "DERPER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = go_duration)]
     pub shutdown_timeout: Duration,
+
+    // ---- Go flags we do not implement: recognised and refused by name (refuse_unsupported) ----
     #[arg(long = "secrets-url", hide = true)]
     pub secrets_url: Option<String>,
     #[arg(long = "secrets-path-prefix", hide = true)]
@@ -231,6 +238,8 @@ pub struct Cli {
     pub secrets_cache_dir: Option<String>,
     #[arg(long = "unpublished-bootstrap-dns-names", hide = true)]
     pub unpublished_bootstrap_dns_names: Option<String>,
+
+    // ---- ACME (-certmode letsencrypt / gcp) ----
     /// ACME External Account Binding key id (required by -certmode gcp).
     #[arg(long = "acme-eab-kid", env = "DERP_ACME_EAB_KID")]
     pub acme_eab_kid: Option<String>,
@@ -254,6 +263,7 @@ pub struct Cli {
     /// CA certificates (PEM) trusted for the ACME directory's HTTPS, besides the system roots.
     #[arg(long = "acme-ca-file", env = "DERP_ACME_CA_FILE")]
     pub acme_ca_file: Option<PathBuf>,
+    /// Go's CONNECT proxy: refused by name (refuse_unsupported).
     #[arg(long = "ace", hide = true, value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
     pub ace: Option<bool>,
 }
@@ -551,7 +561,65 @@ impl Cli {
 
     /// Checks the flags and builds the server configuration.
     pub fn into_config(self) -> Result<Config, CliError> {
+        self.refuse_unsupported()?;
         let mesh = self.mesh_config()?;
+        let (listen_host, listen_port, tls) = self.listener()?;
+        self.check_limits()?;
+        Ok(Config {
+            mesh,
+            verify: self.verify_config(),
+            rate_config: self.rate_config.clone(),
+            accept_rate: self
+                .accept_connection_limit
+                .is_finite()
+                .then_some(self.accept_connection_limit),
+            accept_burst: u64::try_from(self.accept_connection_burst.max(1)).unwrap_or(1),
+            max_connections: self.max_connections,
+            shutdown_timeout: self.shutdown_timeout,
+            restart_reconnect_in: Duration::ZERO,
+            restart_try_for: Duration::from_secs(30),
+            listen_host,
+            listen_port,
+            hostname: self.hostname.clone(),
+            tls,
+            key_file: self.key_file()?,
+            stun_port: self.stun.then_some(self.stun_port),
+            stun_rate_limit: self.stun_rate_limit.max(0.0),
+            http_port: self.plain_http_port()?,
+            derp_enabled: self.derp,
+            home: self.home_page()?,
+            bootstrap_dns_names: self
+                .bootstrap_dns_names
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            metrics_addr: self.metrics_listen()?,
+            derp: DerpConfig {
+                send_queue_depth: self.send_queue_depth,
+                write_timeout: Some(self.tcp_write_timeout).filter(|d| !d.is_zero()),
+                ..DerpConfig::default()
+            },
+            tcp_keepalive_time: self.tcp_keepalive_time,
+            tcp_user_timeout: self.tcp_user_timeout,
+            map: MapConfig {
+                region_id: self.region_id,
+                region_code: self.region_code.clone(),
+                region_name: self.region_name.clone(),
+                node_name: self
+                    .node_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}a", self.region_id)),
+                ipv4: self.ipv4.clone(),
+                ipv6: self.ipv6.clone(),
+                insecure_for_tests: self.insecure_for_tests,
+            },
+        })
+    }
+
+    /// Go flags for features we do not have: refused by name, never silently ignored.
+    fn refuse_unsupported(&self) -> Result<(), CliError> {
         let refusals: [(&'static str, bool, &str); 3] = [
             (
                 "-secrets-url",
@@ -567,10 +635,15 @@ impl Cli {
             ),
             ("-ace", self.ace == Some(true), "the CONNECT proxy (-ace)"),
         ];
-        if let Some((flag, _, what)) = refusals.iter().find(|(_, set, _)| *set) {
-            return Err(refused(flag, what));
+        match refusals.iter().find(|(_, set, _)| *set) {
+            Some((flag, _, what)) => Err(refused(flag, what)),
+            None => Ok(()),
         }
+    }
 
+    /// Where to listen and whether with TLS: `-a`, `-dev` and `-certmode` together, as Go
+    /// decides it (ACME only on port 443, plain HTTP elsewhere).
+    fn listener(&self) -> Result<(Option<IpAddr>, u16, TlsMode), CliError> {
         let (mut listen_host, mut listen_port) = parse_listen(&self.addr)?;
         if self.dev {
             listen_host = None;
@@ -596,55 +669,69 @@ impl Cli {
                 message: "requires -certmode letsencrypt".into(),
             });
         }
-        let key_file = if self.dev {
-            None
-        } else {
-            match self.config {
-                Some(p) => Some(p),
-                None if running_as_root() => Some(PathBuf::from("/var/lib/derper/derper.key")),
-                None => {
-                    return Err(CliError::Invalid {
-                        flag: "-c",
-                        message:
-                            "-c <key file path> not specified (required when not running as root)"
-                                .into(),
-                    });
-                }
-            }
-        };
-        let home = match self.home.as_str() {
-            "" => HomePage::Default,
-            "blank" => HomePage::Blank,
+        Ok((listen_host, listen_port, tls))
+    }
+
+    /// The server key file (`-c`): required unless root (Go's default path) or `-dev`.
+    fn key_file(&self) -> Result<Option<PathBuf>, CliError> {
+        if self.dev {
+            return Ok(None);
+        }
+        match &self.config {
+            Some(p) => Ok(Some(p.clone())),
+            None if running_as_root() => Ok(Some(PathBuf::from("/var/lib/derper/derper.key"))),
+            None => Err(CliError::Invalid {
+                flag: "-c",
+                message: "-c <key file path> not specified (required when not running as root)"
+                    .into(),
+            }),
+        }
+    }
+
+    fn home_page(&self) -> Result<HomePage, CliError> {
+        match self.home.as_str() {
+            "" => Ok(HomePage::Default),
+            "blank" => Ok(HomePage::Blank),
             u if u.starts_with("http://") || u.starts_with("https://") => {
-                HomePage::Redirect(u.into())
+                Ok(HomePage::Redirect(u.into()))
             }
-            other => {
-                return Err(CliError::Invalid {
-                    flag: "-home",
-                    message: format!("{other:?} must be empty, \"blank\" or an http(s):// URL"),
-                });
-            }
-        };
-        let http_port = if self.http_port < 0 {
-            None
-        } else {
-            Some(
-                u16::try_from(self.http_port).map_err(|_| CliError::Invalid {
-                    flag: "-http-port",
-                    message: format!("{} is not a port", self.http_port),
-                })?,
-            )
-        };
-        let metrics_addr = match self.metrics_addr.as_deref() {
-            None | Some("") => None,
+            other => Err(CliError::Invalid {
+                flag: "-home",
+                message: format!("{other:?} must be empty, \"blank\" or an http(s):// URL"),
+            }),
+        }
+    }
+
+    /// `-http-port`: the plain listener next to TLS; negative disables it.
+    fn plain_http_port(&self) -> Result<Option<u16>, CliError> {
+        if self.http_port < 0 {
+            return Ok(None);
+        }
+        u16::try_from(self.http_port)
+            .map(Some)
+            .map_err(|_| CliError::Invalid {
+                flag: "-http-port",
+                message: format!("{} is not a port", self.http_port),
+            })
+    }
+
+    fn metrics_listen(&self) -> Result<Option<SocketAddr>, CliError> {
+        match self.metrics_addr.as_deref() {
+            None | Some("") => Ok(None),
             Some(a) => {
                 let (h, p) = parse_listen(a).map_err(|_| CliError::Invalid {
                     flag: "--metrics-addr",
                     message: format!("{a:?} is not ip:port"),
                 })?;
-                Some(SocketAddr::new(h.unwrap_or(IpAddr::from([0, 0, 0, 0])), p))
+                Ok(Some(SocketAddr::new(
+                    h.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                    p,
+                )))
             }
-        };
+        }
+    }
+
+    fn check_limits(&self) -> Result<(), CliError> {
         if self.send_queue_depth == 0 || self.send_queue_depth > 4096 {
             return Err(CliError::Invalid {
                 flag: "--send-queue-depth",
@@ -657,7 +744,11 @@ impl Cli {
                 message: "must be a positive number of connections per second".into(),
             });
         }
-        let verify = crate::verify::VerifyConfig {
+        Ok(())
+    }
+
+    fn verify_config(&self) -> crate::verify::VerifyConfig {
+        crate::verify::VerifyConfig {
             url: Some(self.verify_client_url.clone()).filter(|u| !u.is_empty()),
             url_fail_open: self.verify_client_url_fail_open,
             tailscaled_socket: self.verify_clients.then(|| {
@@ -667,58 +758,7 @@ impl Cli {
                     PathBuf::from(&self.socket)
                 }
             }),
-        };
-        Ok(Config {
-            mesh,
-            verify,
-            rate_config: self.rate_config.clone(),
-            accept_rate: self
-                .accept_connection_limit
-                .is_finite()
-                .then_some(self.accept_connection_limit),
-            accept_burst: u64::try_from(self.accept_connection_burst.max(1)).unwrap_or(1),
-            max_connections: self.max_connections,
-            shutdown_timeout: self.shutdown_timeout,
-            restart_reconnect_in: Duration::ZERO,
-            restart_try_for: Duration::from_secs(30),
-            listen_host,
-            listen_port,
-            hostname: self.hostname.clone(),
-            tls,
-            key_file,
-            stun_port: self.stun.then_some(self.stun_port),
-            stun_rate_limit: self.stun_rate_limit.max(0.0),
-            http_port,
-            derp_enabled: self.derp,
-            home,
-            bootstrap_dns_names: self
-                .bootstrap_dns_names
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect(),
-            metrics_addr,
-            derp: DerpConfig {
-                send_queue_depth: self.send_queue_depth,
-                write_timeout: Some(self.tcp_write_timeout).filter(|d| !d.is_zero()),
-                ..DerpConfig::default()
-            },
-            tcp_keepalive_time: self.tcp_keepalive_time,
-            tcp_user_timeout: self.tcp_user_timeout,
-            map: MapConfig {
-                region_id: self.region_id,
-                region_code: self.region_code.clone(),
-                region_name: self.region_name.clone(),
-                node_name: self
-                    .node_name
-                    .clone()
-                    .unwrap_or_else(|| format!("{}a", self.region_id)),
-                ipv4: self.ipv4.clone(),
-                ipv6: self.ipv6.clone(),
-                insecure_for_tests: self.insecure_for_tests,
-            },
-        })
+        }
     }
 }
 
@@ -898,5 +938,10 @@ mod tests {
         assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
         assert!(go_duration("10").is_err());
         assert!(go_duration("5x").is_err());
+        // Out of range is an error (this panicked once), as in Go.
+        assert!(go_duration("99999999999999999999h").is_err());
+        assert!(go_duration("300y").is_err());
+        assert!(go_duration("2562047h").is_ok());
+        assert!(go_duration("2562048h").is_err());
     }
 }
