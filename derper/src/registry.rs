@@ -212,6 +212,8 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     metrics: Arc<Metrics>,
+    /// Woken when the last client leaves, so a draining shutdown waits for exactly that.
+    emptied: Notify,
 }
 
 impl Registry {
@@ -219,6 +221,7 @@ impl Registry {
         Registry {
             inner: Mutex::new(Inner::default()),
             metrics,
+            emptied: Notify::new(),
         }
     }
 
@@ -295,6 +298,9 @@ impl Registry {
                     self.notify_gone_locked(&mut inner, c.key);
                 } else {
                     inner.sent_to.remove(&c.key);
+                }
+                if inner.clients.is_empty() {
+                    self.emptied.notify_waiters();
                 }
                 true
             }
@@ -474,6 +480,21 @@ impl Registry {
     pub fn client_count(&self) -> usize {
         self.lock().clients.len()
     }
+
+    /// Returns once no client is connected.
+    pub async fn wait_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            // Registered before the count is read, so a last client leaving in between is not
+            // missed.
+            emptied.as_mut().enable();
+            if self.client_count() == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -496,6 +517,35 @@ mod tests {
             Route::Local(c) => Some(c.id),
             _ => None,
         }
+    }
+
+    #[tokio::test]
+    async fn wait_empty_returns_when_the_last_client_leaves() {
+        use std::time::Duration;
+        let t = CancellationToken::new();
+        let r = Arc::new(Registry::new(Arc::default()));
+        let (a, b) = (conn(1, &t), conn(2, &t));
+        r.register(&a);
+        r.register(&b);
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait_empty().await }
+        });
+        r.unregister(&a, &HashSet::new());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "returned with a client still connected"
+        );
+        r.unregister(&b, &HashSet::new());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("wait_empty did not return after the last client left")
+            .unwrap();
+        // Already empty: returns at once.
+        tokio::time::timeout(Duration::from_secs(1), r.wait_empty())
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -72,11 +72,8 @@ pub struct ServerHandle {
     pub derp_map: DerpMap,
     pub derp: Arc<DerpServer>,
     pub resolver: Option<Arc<CertResolver>>,
-    cert_files: Option<(
-        certs::CertFiles,
-        rustls_pki_types::CertificateDer<'static>,
-        String,
-    )>,
+    /// Present when the certificate comes from files (`-certmode manual`).
+    reloader: Option<Arc<CertReloader>>,
     http: Arc<HttpState>,
     shutdown: CancellationToken,
     conns_stop: CancellationToken,
@@ -281,35 +278,17 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     };
     let public_key = private_key.public();
     let metrics = Arc::new(Metrics::default());
-
     let mut tls = prepare_tls(&cfg, &public_key, &metrics)?;
-    let pin = tls.as_ref().and_then(|t| t.pin.clone());
     let acme = tls.as_mut().and_then(|t| t.acme.take());
-    let resolver = tls.map(|t| (t.resolver, t.files, t.meta));
-
-    let verifier = if cfg.verify.enabled() {
-        Some(crate::verify::Verifier::new(cfg.verify.clone()).map_err(ServerError::Verify)?)
-    } else {
-        None
-    };
-    let receive_limit = crate::limits::ReceiveLimit::default();
-    if let Some(p) = &cfg.rate_config {
-        receive_limit.set(crate::limits::load_rate_config(p)?);
-    }
     // Connections are cancelled by `conns_stop` (after their Restarting frame); the listeners by
     // `shutdown`, so the two can be stopped in order.
     let conns_stop = CancellationToken::new();
-    let derp = Arc::new(DerpServer {
+    let derp = Arc::new(derp_server(
+        &cfg,
         private_key,
-        public_key,
-        mesh_key: cfg.mesh.as_ref().map(|m| m.key),
-        registry: Registry::new(metrics.clone()),
-        metrics: metrics.clone(),
-        config: cfg.derp.clone(),
-        shutdown: conns_stop.clone(),
-        verifier,
-        receive_limit,
-    });
+        metrics.clone(),
+        conns_stop.clone(),
+    )?);
 
     let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP")?;
     let derp_addr = main_listener
@@ -319,8 +298,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
             addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
             error,
         })?;
-    let tls_on = resolver.is_some();
-
     let http_state = Arc::new(HttpState {
         derp: derp.clone(),
         derp_enabled: cfg.derp_enabled,
@@ -330,43 +307,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     });
 
     let mut tasks = JoinSet::new();
-
-    let stun_addr = match cfg.stun_port {
-        Some(port) => {
-            let host = cfg.listen_host;
-            let mut sock = None;
-            for a in listen_addr(host, port) {
-                match bind_udp(a) {
-                    Ok(s) => {
-                        sock = Some(s);
-                        break;
-                    }
-                    Err(e) => warn!("{e}"),
-                }
-            }
-            match sock {
-                Some(s) => {
-                    let addr = s.local_addr().ok();
-                    tasks.spawn(crate::stun_server::run(
-                        s,
-                        metrics.clone(),
-                        cfg.stun_rate_limit,
-                        shutdown.clone(),
-                    ));
-                    addr
-                }
-                None => {
-                    // Go runs on without STUN if it cannot bind; we say so loudly instead.
-                    error!(port, "STUN is disabled: could not bind its UDP port");
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-
-    let http_addr = match (tls_on, cfg.http_port) {
-        (true, Some(port)) => {
+    let stun_addr = start_stun(&cfg, &metrics, &shutdown, &mut tasks);
+    let http_addr = match (&tls, cfg.http_port) {
+        (Some(_), Some(port)) => {
             let l = bind_tcp_any(cfg.listen_host, port, "HTTP")?;
             let addr = l.local_addr().ok();
             let router =
@@ -376,7 +319,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         }
         _ => None,
     };
-
     let metrics_addr = match cfg.metrics_addr {
         Some(a) => {
             let l = bind_tcp(a, "metrics")?;
@@ -392,15 +334,26 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         None => None,
     };
 
-    let acceptor = resolver
-        .as_ref()
-        .map(|(r, _, _)| TlsAcceptor::from(certs::server_config(r.clone())));
+    let tls_on = tls.is_some();
+    let pin = tls.as_ref().and_then(|t| t.pin.clone());
+    let resolver = tls.as_ref().map(|t| t.resolver.clone());
+    let reloader = tls.and_then(|t| {
+        t.files.map(|files| {
+            Arc::new(CertReloader {
+                resolver: t.resolver,
+                files,
+                meta: t.meta,
+                hostname: cfg.hostname.clone(),
+            })
+        })
+    });
     let cfg = Arc::new(cfg);
-    let router = http::router(http_state.clone());
     tasks.spawn(accept_loop(
         main_listener,
-        acceptor,
-        router,
+        resolver
+            .as_ref()
+            .map(|r| TlsAcceptor::from(certs::server_config(r.clone()))),
+        http::router(http_state.clone()),
         http_state.clone(),
         cfg.clone(),
         shutdown.clone(),
@@ -417,41 +370,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     if let Some(p) = cfg.rate_config.clone() {
         tasks.spawn(reload_rate_config_on_hup(derp.clone(), p, shutdown.clone()));
     }
-
-    let cert_files = resolver.as_ref().and_then(|(_, f, m)| {
-        f.as_ref()
-            .map(|f| (f.clone(), m.clone(), cfg.hostname.clone()))
-    });
-    let resolver = match resolver {
-        Some((r, None, _)) => Some(r),
-        Some((r, Some(files), meta)) => {
-            tasks.spawn(reload_certs(
-                r.clone(),
-                files,
-                meta,
-                cfg.hostname.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-            Some(r)
-        }
-        None => None,
-    };
-
+    if let Some(r) = &reloader {
+        tasks.spawn(r.clone().run(metrics.clone(), shutdown.clone()));
+    }
     if let Some(mesh_cfg) = cfg.mesh.clone() {
-        let pin_source = resolver.clone();
-        let own_pin = pin_source.map(|r| {
-            Arc::new(move || {
-                let c = r.current()?;
-                c.self_signed.then(|| certs::pin_of(&c.leaf_der))
-            }) as crate::mesh::PinSource
-        });
         let mesh = crate::mesh::Mesh::new(
             derp.clone(),
             mesh_cfg,
             cfg.hostname.clone(),
             derp_addr.port(),
-            own_pin,
+            resolver.clone().map(own_pin_source),
             conns_stop.clone(),
         );
         tasks.spawn(mesh.run());
@@ -470,7 +398,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         derp_map,
         derp,
         resolver,
-        cert_files,
+        reloader,
         http: http_state,
         shutdown,
         conns_stop,
@@ -478,6 +406,77 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         restart_reconnect_in: cfg.restart_reconnect_in,
         restart_try_for: cfg.restart_try_for,
         tasks,
+    })
+}
+
+/// The relay itself: keys, limits and the admission check, before any socket is open.
+fn derp_server(
+    cfg: &Config,
+    private_key: NodePrivate,
+    metrics: Arc<Metrics>,
+    conns_stop: CancellationToken,
+) -> Result<DerpServer, ServerError> {
+    let verifier = if cfg.verify.enabled() {
+        Some(crate::verify::Verifier::new(cfg.verify.clone()).map_err(ServerError::Verify)?)
+    } else {
+        None
+    };
+    let receive_limit = crate::limits::ReceiveLimit::default();
+    if let Some(p) = &cfg.rate_config {
+        receive_limit.set(crate::limits::load_rate_config(p)?);
+    }
+    Ok(DerpServer {
+        public_key: private_key.public(),
+        private_key,
+        mesh_key: cfg.mesh.as_ref().map(|m| m.key),
+        registry: Registry::new(metrics.clone()),
+        metrics,
+        config: cfg.derp.clone(),
+        shutdown: conns_stop,
+        verifier,
+        receive_limit,
+    })
+}
+
+/// Binds STUN and spawns its server; returns where it listens. A STUN port that cannot be bound
+/// leaves the derper running without STUN, as Go does, but says so loudly.
+fn start_stun(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Option<SocketAddr> {
+    let port = cfg.stun_port?;
+    let mut sock = None;
+    for a in listen_addr(cfg.listen_host, port) {
+        match bind_udp(a) {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+    let Some(sock) = sock else {
+        error!(port, "STUN is disabled: could not bind its UDP port");
+        return None;
+    };
+    let addr = sock.local_addr().ok();
+    tasks.spawn(crate::stun_server::run(
+        sock,
+        metrics.clone(),
+        cfg.stun_rate_limit,
+        shutdown.clone(),
+    ));
+    addr
+}
+
+/// The pin the mesh announces for this node: that of the certificate being served right now,
+/// when it is self-signed.
+fn own_pin_source(resolver: Arc<CertResolver>) -> crate::mesh::PinSource {
+    Arc::new(move || {
+        let c = resolver.current()?;
+        c.self_signed.then(|| certs::pin_of(&c.leaf_der))
     })
 }
 
@@ -656,49 +655,52 @@ fn metrics_router(reg: Arc<PromRegistry>, st: Arc<HttpState>) -> Router {
         .merge(health)
 }
 
-/// Swaps in renewed certificates: new handshakes get them, established connections are untouched.
-async fn reload_certs(
-    r: Arc<CertResolver>,
+/// Certificate files watched for renewal (`-certmode manual`): new handshakes get a renewed
+/// certificate, established connections are untouched.
+pub struct CertReloader {
+    resolver: Arc<CertResolver>,
     files: certs::CertFiles,
+    /// The meta certificate the leaf is checked against when loaded.
     meta: rustls_pki_types::CertificateDer<'static>,
     hostname: String,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut hup = crate::signals::Hangups::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(certs::RELOAD_INTERVAL) => {}
-            _ = hup.recv() => info!("SIGHUP: checking certificates"),
-        }
-        reload_once(&r, &files, &meta, &hostname, &metrics);
-    }
 }
 
-/// Checks the files once; returns whether a new certificate was installed.
-pub fn reload_once(
-    r: &CertResolver,
-    files: &certs::CertFiles,
-    meta: &rustls_pki_types::CertificateDer<'static>,
-    hostname: &str,
-    metrics: &Metrics,
-) -> bool {
-    let label = |reason| ReasonLabel { reason };
-    match certs::load(files, hostname, meta) {
-        Ok(new) if r.current().is_none_or(|c| new.fingerprint != c.fingerprint) => {
-            info!(pin = %certs::pin_of(&new.leaf_der), "certificate changed on disk: serving the new one to new connections");
-            metrics.cert_not_after.set(new.not_after.unix_timestamp());
-            r.replace(new);
-            metrics.cert_reloads.get_or_create(&label("ok")).inc();
-            true
+impl CertReloader {
+    async fn run(self: Arc<Self>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        let mut hup = crate::signals::Hangups::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(certs::RELOAD_INTERVAL) => {}
+                _ = hup.recv() => info!("SIGHUP: checking certificates"),
+            }
+            self.reload_once(&metrics);
         }
-        Ok(_) => false,
-        Err(e) => {
-            // A half-written renewal must not take the server down: keep the old certificate.
-            warn!("certificate reload failed, keeping the current one: {e}");
-            metrics.cert_reloads.get_or_create(&label("error")).inc();
-            false
+    }
+
+    /// Checks the files once; returns whether a new certificate was installed.
+    pub fn reload_once(&self, metrics: &Metrics) -> bool {
+        let label = |reason| ReasonLabel { reason };
+        match certs::load(&self.files, &self.hostname, &self.meta) {
+            Ok(new)
+                if self
+                    .resolver
+                    .current()
+                    .is_none_or(|c| new.fingerprint != c.fingerprint) =>
+            {
+                info!(pin = %certs::pin_of(&new.leaf_der), "certificate changed on disk: serving the new one to new connections");
+                metrics.cert_not_after.set(new.not_after.unix_timestamp());
+                self.resolver.replace(new);
+                metrics.cert_reloads.get_or_create(&label("ok")).inc();
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                // A half-written renewal must not take the server down: keep the old certificate.
+                warn!("certificate reload failed, keeping the current one: {e}");
+                metrics.cert_reloads.get_or_create(&label("error")).inc();
+                false
+            }
         }
     }
 }
@@ -718,9 +720,8 @@ impl ServerHandle {
             c.set_restarting(reconnect, try_for);
         }
         let deadline = started + self.shutdown_timeout;
-        while self.derp.registry.client_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Clients leave as they take the close; past the deadline the rest are cut.
+        let _ = tokio::time::timeout_at(deadline, self.derp.registry.wait_empty()).await;
         let cut = self.derp.registry.all_conns().len();
         self.conns_stop.cancel();
         // Every task takes one of the two tokens; one that does not end by the deadline (a
@@ -751,12 +752,9 @@ impl ServerHandle {
 
     /// Checks the certificate files now (what SIGHUP does); true if a new one was installed.
     pub fn reload_certs_now(&self) -> bool {
-        match (&self.resolver, &self.cert_files) {
-            (Some(r), Some((files, meta, host))) => {
-                reload_once(r, files, meta, host, &self.derp.metrics)
-            }
-            _ => false,
-        }
+        self.reloader
+            .as_ref()
+            .is_some_and(|r| r.reload_once(&self.derp.metrics))
     }
 }
 
