@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use derp_proto::frame::{
-    self, ClientToServer, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES, MAX_PACKET_BYTES,
-    MIN_CLIENT_INFO_BYTES, PACKET_HEAD_LEN, PeerGoneReason, Split, peer_flags,
+    self, ClientToServer, FrameError, FrameType, HEADER_LEN, MAX_CLIENT_INFO_BYTES,
+    MAX_PACKET_BYTES, MIN_CLIENT_INFO_BYTES, PACKET_HEAD_LEN, PeerGoneReason, Split, peer_flags,
 };
 use derp_proto::gather::{self, GATHER_MIN_PACKET, MAX_IOVECS};
 use derp_proto::info::{self, ClientInfo, ServerInfo};
@@ -329,14 +329,13 @@ impl DerpServer {
         };
         let mut wbuf = Vec::with_capacity(256);
         let sent = match info::seal(&self.private_key, client_key, si.to_json().as_bytes()) {
-            Ok(sealed) => {
-                frame::encode_server_info(&mut wbuf, &sealed);
-                let r = stream.write_all(&wbuf).await;
-                match r {
+            Ok(sealed) => match frame::encode_server_info(&mut wbuf, &sealed) {
+                Ok(()) => match stream.write_all(&wbuf).await {
                     Ok(()) => stream.flush().await.map_err(ConnError::from),
                     Err(e) => Err(e.into()),
-                }
-            }
+                },
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e.into()),
         };
         if let Err(e) = sent {
@@ -780,16 +779,18 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    fn push_recv_packet(&mut self, src: &NodePublic, data: Bytes) {
+    /// Fails (writing nothing) only for a payload past the frame limit, which the reader's
+    /// packet-size check keeps out of every queue.
+    fn push_recv_packet(&mut self, src: &NodePublic, data: Bytes) -> Result<(), FrameError> {
         if data.len() < GATHER_MIN_PACKET {
-            frame::encode_recv_packet(self.wbuf, src, &data);
-            return;
+            return frame::encode_recv_packet(self.wbuf, src, &data);
         }
-        frame::encode_recv_packet_head(self.wbuf, src, data.len());
+        frame::encode_recv_packet_head(self.wbuf, src, data.len())?;
         self.segs.push(Seg::Buf(*self.mark, self.wbuf.len()));
         *self.mark = self.wbuf.len();
         self.segs.push(Seg::Payload(self.payloads.len()));
         self.payloads.push(data);
+        Ok(())
     }
 }
 
@@ -848,7 +849,10 @@ fn drain_packets(
         if received_from.insert(p.src) {
             new_sources.push(p.src);
         }
-        out.push_recv_packet(&p.src, p.data);
+        if let Err(e) = out.push_recv_packet(&p.src, p.data) {
+            debug_assert!(false, "a queued packet does not fit a frame: {e}");
+            tracing::error!(src = %p.src, "dropping a queued packet that does not fit a frame: {e}");
+        }
     }
     if n > 0 {
         m.packets_sent.inc_by(n);

@@ -49,9 +49,9 @@ async fn run(config: derper::config::Config, print: Option<String>) -> anyhow::R
     if let Some(format) = print {
         let map = derper::server::configured_map(&config).context("building the DERP map")?;
         if format == "yaml" {
-            print!("{}", map.to_headscale_yaml());
+            print!("{}", headscale_yaml::to_string(&map)?);
         } else {
-            println!("{}", map.to_json_pretty());
+            println!("{}", map.to_json_pretty()?);
         }
         return Ok(());
     }
@@ -68,8 +68,8 @@ async fn run(config: derper::config::Config, print: Option<String>) -> anyhow::R
     // The block a self-hoster pastes into Headscale: on stdout, apart from the logs.
     println!(
         "# DERP map for this server: Headscale derp.urls / tailcfg.DERPMap JSON\n{}\n# Headscale derp.paths YAML\n{}",
-        map.to_json_pretty(),
-        map.to_headscale_yaml()
+        map.to_json_pretty()?,
+        headscale_yaml::to_string(map)?
     );
     stop.wait().await;
     tracing::info!("shutting down");

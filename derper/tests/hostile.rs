@@ -123,7 +123,7 @@ fn fast_start_hello(server: &NodePublic, me: &NodePrivate) -> Vec<u8> {
         ..Default::default()
     };
     let sealed = info::seal(me, server, ci.to_json().as_bytes()).unwrap();
-    frame::encode_client_info(&mut out, &me.public(), &sealed);
+    frame::encode_client_info(&mut out, &me.public(), &sealed).unwrap();
     out
 }
 
@@ -460,7 +460,7 @@ async fn oversized_and_malformed_frames_close_only_their_connection() {
     // SendPacket with a 65537-byte packet: one byte over the limit.
     let mut c = raw_derp(&s).await;
     let mut over = Vec::new();
-    frame::encode_send_packet(&mut over, &NodePublic([7; 32]), &vec![0u8; 65_537]);
+    frame::encode_send_packet(&mut over, &NodePublic([7; 32]), &vec![0u8; 65_537]).unwrap();
     send(&mut c, &over).await;
     closed_within(&mut c, quick).await;
 

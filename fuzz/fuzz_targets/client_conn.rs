@@ -47,7 +47,7 @@ fn client_info_frame(client: &NodePrivate, server: &NodePrivate, ci: &ClientInfo
     let sealed =
         info::seal(client, &server.public(), ci.to_json().as_bytes()).expect("sealing works");
     let mut out = Vec::new();
-    frame::encode_client_info(&mut out, &client.public(), &sealed);
+    frame::encode_client_info(&mut out, &client.public(), &sealed).expect("ClientInfo fits a frame");
     out
 }
 

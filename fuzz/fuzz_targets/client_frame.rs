@@ -18,11 +18,11 @@ fuzz_target!(|data: &[u8]| {
     match &f {
         ClientToServer::SendPacket { dst, packet } => {
             assert!(packet.len() <= MAX_PACKET_BYTES);
-            frame::encode_send_packet(&mut again, dst, packet);
+            frame::encode_send_packet(&mut again, dst, packet).expect("a decoded frame encodes again");
         }
         ClientToServer::ForwardPacket { src, dst, packet } => {
             assert!(packet.len() <= MAX_PACKET_BYTES);
-            frame::encode_forward_packet(&mut again, src, dst, packet);
+            frame::encode_forward_packet(&mut again, src, dst, packet).expect("a decoded frame encodes again");
         }
         ClientToServer::NotePreferred(p) => {
             assert_eq!(payload.len(), 1);

@@ -10,9 +10,15 @@ fuzz_target!(|data: &[u8]| {
     let Ok(m) = serde_json::from_slice::<DerpMap>(data) else {
         return;
     };
-    let json = m.to_json();
-    let _ = m.to_json_pretty();
-    let _ = m.to_headscale_yaml();
+    let json = m
+        .to_json()
+        .unwrap_or_else(|e| panic!("a decoded map does not encode: {e}"));
+    if let Err(e) = m.to_json_pretty() {
+        panic!("a decoded map does not encode pretty: {e}");
+    }
+    if let Err(e) = headscale_yaml::to_string(&m) {
+        panic!("a decoded map does not render as Headscale YAML: {e}");
+    }
     let back: DerpMap = serde_json::from_str(&json)
         .unwrap_or_else(|e| panic!("our own JSON {json} does not decode: {e}"));
     assert_eq!(back.regions.len(), m.regions.len());

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     match &f {
         ServerToClient::ServerKey(k) => frame::encode_server_key(&mut again, k),
         ServerToClient::RecvPacket { src, packet } => {
-            frame::encode_recv_packet(&mut again, src, packet)
+            frame::encode_recv_packet(&mut again, src, packet).expect("a decoded frame encodes again")
         }
         ServerToClient::PeerGone { key, reason } => {
             frame::encode_peer_gone(&mut again, key, *reason)
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         }
         ServerToClient::Ping(d) => frame::encode_ping(&mut again, d),
         ServerToClient::Pong(d) => frame::encode_pong(&mut again, d),
-        ServerToClient::Health(s) => frame::encode_health(&mut again, s),
+        ServerToClient::Health(s) => frame::encode_health(&mut again, s).expect("a decoded frame encodes again"),
         ServerToClient::Restarting {
             reconnect_in_ms,
             try_for_ms,

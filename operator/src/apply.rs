@@ -32,6 +32,12 @@ pub enum ApplyError {
         name: String,
         source: serde_json::Error,
     },
+    #[error("rendering {kind} {name}: {source}")]
+    Render {
+        kind: String,
+        name: String,
+        source: headscale_yaml::Error,
+    },
     #[error("applying {kind} {name}: {source}")]
     Api {
         kind: String,

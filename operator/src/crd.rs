@@ -397,8 +397,8 @@ pub struct PublishedNode {
 }
 
 /// The CRD as YAML, exactly as `crds/derpregions.derpfleet.io.yaml` holds it.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&DerpRegion::crd())
+pub fn crd_yaml() -> Result<String, yaml_serde::Error> {
+    yaml_serde::to_string(&DerpRegion::crd())
 }
 
 #[cfg(test)]
@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn minimal_spec_takes_defaults() {
-        let r: DerpRegion = serde_yaml::from_str(
+        let r: DerpRegion = yaml_serde::from_str(
             "apiVersion: derpfleet.io/v1alpha1\nkind: DerpRegion\nmetadata: {name: home, namespace: derp}\n\
              spec: {regionId: 900, code: home, tls: {selfSigned: {}}}\n",
         )

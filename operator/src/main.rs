@@ -54,7 +54,7 @@ struct RunArgs {
     metrics_addr: Option<std::net::SocketAddr>,
     /// How long a node whose derper turned NotReady stays in the map (e.g. 5s, 500ms, 0s), so a
     /// single failed probe does not make every client of the region redial.
-    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "5s", value_parser = go_duration::parse)]
     not_ready_grace: std::time::Duration,
     /// Set `OmitDefaultRegions` in the map (ask clients not to use Tailscale's own regions).
     #[arg(long, env = "DERPFLEET_OMIT_DEFAULT_REGIONS")]
@@ -88,24 +88,6 @@ struct RunArgs {
     /// of API requests when many regions change together (a cold start, winning the Lease).
     #[arg(long, env = "DERPFLEET_RECONCILE_CONCURRENCY", default_value_t = 16)]
     reconcile_concurrency: u16,
-}
-
-/// Parses `5s`, `500ms`, `1m`, or plain seconds.
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    };
-    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -243,14 +225,14 @@ fn render(
     match format {
         Format::Yaml => {
             for o in &objects {
-                writeln!(out, "---\n{}", serde_yaml::to_string(o)?.trim_end())?;
+                writeln!(out, "---\n{}", yaml_serde::to_string(o)?.trim_end())?;
             }
             writeln!(out, "# DERP map (derp.urls JSON):")?;
-            for l in map.to_json_pretty().lines() {
+            for l in map.to_json_pretty()?.lines() {
                 writeln!(out, "# {l}")?;
             }
             writeln!(out, "# Headscale derp.paths YAML:")?;
-            for l in map.to_headscale_yaml().lines() {
+            for l in headscale_yaml::to_string(&map)?.lines() {
                 writeln!(out, "# {l}")?;
             }
             if objs.nodes.is_empty() {
@@ -267,8 +249,8 @@ fn render(
                 "derpMap": serde_json::to_value(&map)?,
             }))?
         )?,
-        Format::Headscale => out.push_str(&map.to_headscale_yaml()),
-        Format::Map => writeln!(out, "{}", map.to_json_pretty())?,
+        Format::Headscale => out.push_str(&headscale_yaml::to_string(&map)?),
+        Format::Map => writeln!(out, "{}", map.to_json_pretty()?)?,
     }
     emit(&out)
 }

@@ -56,18 +56,18 @@ impl PartialEq for MapSnapshot {
 impl Eq for MapSnapshot {}
 
 impl MapSnapshot {
-    pub fn new(map: &DerpMap) -> Self {
-        let json = map.to_json();
+    pub fn new(map: &DerpMap) -> Result<Self, serde_json::Error> {
+        let json = map.to_json()?;
         let digest = Sha256::digest(json.as_bytes());
         let hex = hex::encode(&digest[..16]);
-        Self {
+        Ok(Self {
             etag: format!("\"{hex}\""),
             etag_gzip: format!("\"{hex}-gzip\""),
             json: Bytes::from(json),
             gzip: OnceLock::new(),
             regions: map.regions.len(),
             nodes: map.regions.values().map(|r| r.nodes.len()).sum(),
-        }
+        })
     }
 
     /// The gzip body (made once). `None` if compressing failed, which writing to memory does not
@@ -334,7 +334,7 @@ mod tests {
         assert!(get(addr, "/derpmap.json", "").await.0.contains("503"));
         assert!(get(addr, "/healthz", "").await.0.contains("200"));
 
-        let snap = MapSnapshot::new(&map());
+        let snap = MapSnapshot::new(&map()).unwrap();
         tx.send(Some(Arc::new(snap.clone()))).unwrap();
         assert!(get(addr, "/readyz", "").await.0.contains("200"));
         let (status, body) = get(addr, "/derpmap.json", "").await;
@@ -343,7 +343,7 @@ mod tests {
             body.to_ascii_lowercase()
                 .contains(&format!("etag: {}", snap.etag))
         );
-        assert!(body.ends_with(&map().to_json()), "{body}");
+        assert!(body.ends_with(&map().to_json().unwrap()), "{body}");
 
         let inm = format!("If-None-Match: {}\r\n", snap.etag);
         let (status, _) = get(addr, "/derpmap.json", &inm).await;
@@ -391,15 +391,15 @@ mod tests {
 
     #[tokio::test]
     async fn gzip_variant_has_its_own_etag_vary_and_304() {
-        let (_tx, rx) = watch::channel(Some(Arc::new(MapSnapshot::new(&map()))));
-        let snap = MapSnapshot::new(&map());
+        let (_tx, rx) = watch::channel(Some(Arc::new(MapSnapshot::new(&map()).unwrap())));
+        let snap = MapSnapshot::new(&map()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, MapServerState::new(rx), async {
             let _ = stop_rx.await;
         }));
-        let plain = map().to_json().into_bytes();
+        let plain = map().to_json().unwrap().into_bytes();
 
         // Go's net/http client sends exactly this and decompresses transparently.
         let (status, head, body) =
@@ -480,8 +480,8 @@ mod tests {
     #[test]
     fn gzip_body_is_the_same_for_equal_maps() {
         // Replicas must serve the same bytes under the same tag.
-        let a = MapSnapshot::new(&map());
-        let b = MapSnapshot::new(&map());
+        let a = MapSnapshot::new(&map()).unwrap();
+        let b = MapSnapshot::new(&map()).unwrap();
         assert_eq!(a.gzip(), b.gzip());
         assert_eq!(a.etag_gzip, b.etag_gzip);
         assert_eq!(gunzip(a.gzip().unwrap()), a.json.to_vec());
@@ -517,10 +517,16 @@ mod tests {
 
     #[test]
     fn etag_is_stable_for_equal_maps() {
-        assert_eq!(MapSnapshot::new(&map()), MapSnapshot::new(&map()));
+        assert_eq!(
+            MapSnapshot::new(&map()).unwrap(),
+            MapSnapshot::new(&map()).unwrap()
+        );
         let mut other = map();
         other.omit_default_regions = true;
-        assert_ne!(MapSnapshot::new(&other).etag, MapSnapshot::new(&map()).etag);
+        assert_ne!(
+            MapSnapshot::new(&other).unwrap().etag,
+            MapSnapshot::new(&map()).unwrap().etag
+        );
         assert!(matches_etag("\"a\", W/\"b\"", "\"b\""));
         assert!(!matches_etag("\"a\"", "\"b\""));
     }

@@ -15,7 +15,7 @@ use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, WriteCounters};
 use crate::controller::Stores;
@@ -84,13 +84,16 @@ pub struct MapStats {
 }
 
 /// The `derp-map` ConfigMap for `map`.
-pub fn render_map_configmap(cm: &MapConfigMap, out: &MapOutput) -> ConfigMap {
+pub fn render_map_configmap(
+    cm: &MapConfigMap,
+    out: &MapOutput,
+) -> Result<ConfigMap, headscale_yaml::Error> {
     let labels = [
         (LABEL_NAME.to_string(), APP_NAME.to_string()),
         (LABEL_MANAGED_BY.to_string(), MANAGER_NAME.to_string()),
     ]
     .into();
-    ConfigMap {
+    Ok(ConfigMap {
         metadata: ObjectMeta {
             name: Some(cm.name.clone()),
             namespace: Some(cm.namespace.clone()),
@@ -99,13 +102,16 @@ pub fn render_map_configmap(cm: &MapConfigMap, out: &MapOutput) -> ConfigMap {
         },
         data: Some(
             [
-                (CONFIGMAP_JSON_KEY.to_string(), out.map.to_json()),
-                (CONFIGMAP_YAML_KEY.to_string(), out.map.to_headscale_yaml()),
+                (CONFIGMAP_JSON_KEY.to_string(), out.map.to_json()?),
+                (
+                    CONFIGMAP_YAML_KEY.to_string(),
+                    headscale_yaml::to_string(&out.map)?,
+                ),
             ]
             .into(),
         ),
         ..Default::default()
-    }
+    })
 }
 
 impl MapTask {
@@ -167,8 +173,20 @@ impl MapTask {
                 .is_some_and(|prev| prev.map == out.map);
             let current = self.snapshot.borrow().clone();
             let snap = match current {
-                Some(cur) if same_map => cur,
-                _ => Arc::new(MapSnapshot::new(&out.map)),
+                Some(cur) if same_map => Ok(cur),
+                _ => MapSnapshot::new(&out.map).map(Arc::new),
+            };
+            // serde_json cannot fail on these plain types; should it ever, the last map stays
+            // served rather than an empty or partial body.
+            let snap = match snap {
+                Ok(s) => s,
+                Err(e) => {
+                    error!("the DERP map does not serialise, keeping the last one served: {e}");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = self.changed.notified() => continue,
+                    }
+                }
             };
             let sent = self.snapshot.send_if_modified(|cur| {
                 if cur.as_ref().is_some_and(|c| c.json == snap.json) {
@@ -274,7 +292,11 @@ impl MapTask {
         out: &MapOutput,
         known: &mut Option<Option<serde_json::Value>>,
     ) -> Result<ConfigMapWrite, crate::apply::ApplyError> {
-        let want = render_map_configmap(cm, out);
+        let want = render_map_configmap(cm, out).map_err(|source| apply::ApplyError::Render {
+            kind: "ConfigMap".into(),
+            name: cm.name.clone(),
+            source,
+        })?;
         let bytes: usize = want
             .data
             .iter()

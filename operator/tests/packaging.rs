@@ -177,7 +177,7 @@ fn problems(obj: &Value) -> Vec<String> {
 
 /// The DerpRegions of a multi-document YAML file, as JSON.
 fn regions_in(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
+    yaml_serde::Deserializer::from_str(text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|v: &Value| v.get("kind").and_then(Value::as_str) == Some("DerpRegion"))
         .collect()
@@ -209,7 +209,7 @@ fn example_regions_pass_the_crd_validation() {
 
 #[test]
 fn chart_example_region_passes_the_crd_validation() {
-    let values: Value = serde_yaml::from_str(&read("charts/derp-fleet/values.yaml")).unwrap();
+    let values: Value = yaml_serde::from_str(&read("charts/derp-fleet/values.yaml")).unwrap();
     let region = serde_json::json!({
         "apiVersion": "derpfleet.io/v1alpha1",
         "kind": "DerpRegion",

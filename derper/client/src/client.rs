@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use derp_proto::frame::{
-    self, FrameType, MAX_CLIENT_FRAME_BYTES, MAX_PACKET_BYTES, PACKET_HEAD_LEN, PROTOCOL_VERSION,
-    ServerToClient, Split,
+    self, FrameError, FrameType, MAX_CLIENT_FRAME_BYTES, MAX_PACKET_BYTES, PACKET_HEAD_LEN,
+    PROTOCOL_VERSION, ServerToClient, Split,
 };
 use derp_proto::gather::{self, GATHER_MIN_PACKET, MAX_IOVECS};
 use derp_proto::info::{self, ClientInfo, ServerInfo};
@@ -182,7 +182,8 @@ impl Writer {
     async fn write_packets(&mut self, dst: &NodePublic, packets: &[&[u8]]) -> io::Result<()> {
         self.heads.clear();
         for p in packets {
-            frame::encode_send_packet_head(&mut self.heads, dst, p.len());
+            frame::encode_send_packet_head(&mut self.heads, dst, p.len())
+                .map_err(io::Error::other)?;
         }
         while !self.buf.is_empty() {
             let n = self.io.write(&self.buf).await?;
@@ -287,20 +288,25 @@ impl Drop for PendingGuard<'_> {
 impl ClientHandle {
     /// Encodes frames with `encode` and writes them out unless other writers are queued behind
     /// us (the last of them writes the batch).
-    async fn write_frames(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), ClientError> {
+    /// `encode` appends whole frames only (a refused frame writes nothing), so what it left in
+    /// the buffer is sent even when it fails part way.
+    async fn write_frames(
+        &self,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
+    ) -> Result<(), ClientError> {
         let mut guard = PendingGuard::new(&self.shared);
         let mut w = self.shared.writer.lock().await;
         if let Some(why) = &w.broken {
             guard.done = true;
             return Err(ClientError::Closed(why.clone()));
         }
-        encode(&mut w.buf);
+        let encoded = encode(&mut w.buf);
         let others = guard.leave();
         if others == 0 || w.buf.len() >= FLUSH_THRESHOLD_BYTES {
             w.write_out_timed(self.shared.write_timeout).await?;
         }
         guard.done = true;
-        Ok(())
+        Ok(encoded?)
     }
 
     /// SendPacket: relays `packet` (at most 64 KiB) to `dst`.
@@ -329,9 +335,9 @@ impl ClientHandle {
         if packets.iter().any(|p| p.len() < GATHER_MIN_PACKET) {
             return self
                 .write_frames(|b| {
-                    for p in packets {
-                        frame::encode_send_packet(b, dst, p);
-                    }
+                    packets
+                        .iter()
+                        .try_for_each(|p| frame::encode_send_packet(b, dst, p))
                 })
                 .await;
         }
@@ -366,13 +372,20 @@ impl ClientHandle {
 
     /// NotePreferred: whether this server is the client's home.
     pub async fn note_preferred(&self, preferred: bool) -> Result<(), ClientError> {
-        self.write_frames(|b| frame::encode_note_preferred(b, preferred))
-            .await
+        self.write_frames(|b| {
+            frame::encode_note_preferred(b, preferred);
+            Ok(())
+        })
+        .await
     }
 
     /// Ping with a payload of our choice; the Pong comes back through `recv`.
     pub async fn send_ping(&self, data: [u8; 8]) -> Result<(), ClientError> {
-        self.write_frames(|b| frame::encode_ping(b, &data)).await
+        self.write_frames(|b| {
+            frame::encode_ping(b, &data);
+            Ok(())
+        })
+        .await
     }
 
     /// Sends a random Ping and waits for its Pong (which `recv` then consumes instead of
@@ -399,23 +412,34 @@ impl ClientHandle {
 
     /// Pong: answers a server Ping (only if we advertised `CanAckPings`).
     pub async fn send_pong(&self, data: [u8; 8]) -> Result<(), ClientError> {
-        self.write_frames(|b| frame::encode_pong(b, &data)).await
+        self.write_frames(|b| {
+            frame::encode_pong(b, &data);
+            Ok(())
+        })
+        .await
     }
 
     /// WatchConns (mesh key holders only): subscribe to PeerPresent / PeerGone.
     pub async fn watch_conns(&self) -> Result<(), ClientError> {
-        self.write_frames(frame::encode_watch_conns).await
+        self.write_frames(|b| {
+            frame::encode_watch_conns(b);
+            Ok(())
+        })
+        .await
     }
 
     /// ClosePeer (mesh key holders only): the server drops every connection of `key`.
     pub async fn close_peer(&self, key: &NodePublic) -> Result<(), ClientError> {
-        self.write_frames(|b| frame::encode_close_peer(b, key))
-            .await
+        self.write_frames(|b| {
+            frame::encode_close_peer(b, key);
+            Ok(())
+        })
+        .await
     }
 
     /// Writes out anything still buffered.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        self.write_frames(|_| {}).await
+        self.write_frames(|_| Ok(())).await
     }
 
     /// Flushes and shuts down the write side (TLS close_notify, TCP FIN). Later writes fail;
@@ -663,7 +687,7 @@ fn encode_hello(
 ) -> Result<(), ClientError> {
     let key: &NodePrivate = &cfg.private_key;
     let sealed = info::seal(key, server_key, client_info_json(cfg).as_bytes())?;
-    frame::encode_client_info(buf, &key.public(), &sealed);
+    frame::encode_client_info(buf, &key.public(), &sealed)?;
     if cfg.preferred {
         frame::encode_note_preferred(buf, true);
     }
@@ -952,7 +976,7 @@ mod tests {
     fn frames_split_and_cap() {
         let mut input = Vec::new();
         frame::encode_keep_alive(&mut input);
-        frame::encode_recv_packet(&mut input, &NodePublic([7; 32]), &[1, 2, 3]);
+        frame::encode_recv_packet(&mut input, &NodePublic([7; 32]), &[1, 2, 3]).unwrap();
         // Then a header announcing 1 MiB + 1: refused before reading the payload.
         input.extend_from_slice(&[0x05, 0x00, 0x10, 0x00, 0x01]);
         let mut r = FrameReader {
@@ -990,8 +1014,8 @@ mod tests {
         let mut heads = Vec::new();
         let mut whole = Vec::new();
         for p in packets {
-            frame::encode_send_packet_head(&mut heads, &dst, p.len());
-            frame::encode_send_packet(&mut whole, &dst, p);
+            frame::encode_send_packet_head(&mut heads, &dst, p.len()).unwrap();
+            frame::encode_send_packet(&mut whole, &dst, p).unwrap();
         }
         for done in [
             0,

@@ -212,7 +212,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         ..Default::default()
     };
     let sealed = info::seal(&key, &client, si.to_json().as_bytes()).unwrap();
-    frame::encode_server_info(&mut out, &sealed);
+    frame::encode_server_info(&mut out, &sealed).unwrap();
     if behavior == Behavior::HugeFrameAfterInfo {
         frame::encode_keep_alive(&mut out);
         out.extend_from_slice(&[0x05, 0x00, 0x20, 0x00, 0x00]); // a 2 MiB RecvPacket header
@@ -232,7 +232,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         match ClientToServer::decode(t, payload) {
             Ok(ClientToServer::SendPacket { dst, packet }) => {
                 let mut f = Vec::new();
-                frame::encode_recv_packet(&mut f, &client, &packet);
+                frame::encode_recv_packet(&mut f, &client, &packet).unwrap();
                 if let Some(p) = peers.lock().unwrap().get(&dst) {
                     let _ = p.send(f);
                 }
@@ -510,12 +510,12 @@ async fn websocket_transport_relays_and_keeps_messages_small() {
                             ..Default::default()
                         };
                         let sealed = info::seal(&key, &c, si.to_json().as_bytes()).unwrap();
-                        frame::encode_server_info(&mut out, &sealed);
+                        frame::encode_server_info(&mut out, &sealed).unwrap();
                         client = Some(c);
                     }
                     (_, Some(c)) => match ClientToServer::decode(t, payload).unwrap() {
                         ClientToServer::SendPacket { packet, .. } => {
-                            frame::encode_recv_packet(&mut out, c, &packet)
+                            frame::encode_recv_packet(&mut out, c, &packet).unwrap()
                         }
                         ClientToServer::Ping(d) => frame::encode_pong(&mut out, &d),
                         _ => {}

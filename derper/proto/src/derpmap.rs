@@ -1,6 +1,5 @@
-//! DERP-map types with the exact JSON names Tailscale's `tailcfg.DERPMap` uses, and the YAML form
-//! Headscale reads from `derp.paths` (yaml.v3 into the Go structs: lower-cased field names,
-//! integer region keys).
+//! DERP-map types with the exact JSON names Tailscale's `tailcfg.DERPMap` uses. The YAML form
+//! Headscale reads from `derp.paths` is the `headscale-yaml` crate's.
 
 use std::collections::BTreeMap;
 
@@ -105,52 +104,12 @@ pub const SHA256_RAW_PREFIX: &str = "sha256-raw:";
 
 impl DerpMap {
     /// Compact JSON, byte-identical for equal maps.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 
-    pub fn to_json_pretty(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
-    /// The YAML Headscale's `derp.paths` files hold (`regions:` with integer keys and
-    /// lower-cased field names, as yaml.v3 decodes into tailcfg's Go structs).
-    pub fn to_headscale_yaml(&self) -> String {
-        let json = serde_json::to_value(self).unwrap_or_default();
-        let yaml = lower_keys(json, false);
-        serde_yaml::to_string(&yaml).unwrap_or_default()
-    }
-}
-
-/// Converts a JSON value into YAML with lower-cased keys; keys of the `Regions` and
-/// `RegionScore` maps become integers so yaml.v3 can decode them into `map[int]…`.
-fn lower_keys(v: serde_json::Value, int_keys: bool) -> serde_yaml::Value {
-    use serde_json::Value as J;
-    use serde_yaml::Value as Y;
-    match v {
-        J::Null => Y::Null,
-        J::Bool(b) => Y::Bool(b),
-        J::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Y::Number(i.into())
-            } else {
-                Y::Number(n.as_f64().unwrap_or_default().into())
-            }
-        }
-        J::String(s) => Y::String(s),
-        J::Array(a) => Y::Sequence(a.into_iter().map(|x| lower_keys(x, false)).collect()),
-        J::Object(m) => {
-            let mut out = serde_yaml::Mapping::new();
-            for (k, val) in m {
-                let child_int = k == "Regions" || k == "RegionScore";
-                let key = match (int_keys, k.parse::<i64>()) {
-                    (true, Ok(i)) => Y::Number(i.into()),
-                    _ => Y::String(k.to_ascii_lowercase()),
-                };
-                out.insert(key, lower_keys(val, child_int));
-            }
-            Y::Mapping(out)
-        }
+    pub fn to_json_pretty(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string_pretty(self)
     }
 }
 
@@ -184,7 +143,7 @@ mod tests {
 
     #[test]
     fn json_uses_go_names_and_omits_zero_values() {
-        let j = sample().to_json();
+        let j = sample().to_json().unwrap();
         assert!(j.starts_with(r#"{"Regions":{"900":{"RegionID":900,"RegionCode":"home","RegionName":"Home","Nodes":[{"Name":"900a","RegionID":900,"HostName":"198.51.100.1","CertName":"sha256-raw:"#), "{j}");
         assert!(
             !j.contains("InsecureForTests") && !j.contains("IPv6") && !j.contains("omitDefault")
@@ -199,18 +158,6 @@ mod tests {
         let m: DerpMap = serde_json::from_str(go).unwrap();
         assert!(m.omit_default_regions);
         assert_eq!(m.regions[&1].nodes[0].stun_port, -1);
-        assert_eq!(m.to_json(), go);
-    }
-
-    #[test]
-    fn headscale_yaml_has_lowercase_keys_and_integer_region_ids() {
-        let y = sample().to_headscale_yaml();
-        assert!(
-            y.starts_with("regions:\n  900:\n    regionid: 900\n    regioncode: home\n"),
-            "{y}"
-        );
-        assert!(y.contains("      certname: sha256-raw:"));
-        assert!(y.contains("      stunport: 3478"));
-        assert!(!y.contains('\''));
+        assert_eq!(m.to_json().unwrap(), go);
     }
 }

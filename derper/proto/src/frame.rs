@@ -422,42 +422,69 @@ impl ServerToClient {
     }
 }
 
-/// Appends a frame header. `len` must fit in u32; every caller passes bounded payloads.
-pub fn put_header(buf: &mut impl BufMut, frame_type: FrameType, len: usize) {
+/// Appends the header of a variable-length frame, or refuses (writing nothing) past
+/// [`MAX_CLIENT_FRAME_BYTES`]: no Go reader accepts a longer frame, and a length that does not
+/// fit the header's u32 would desynchronise the stream.
+fn put_header(buf: &mut impl BufMut, frame_type: FrameType, len: usize) -> Result<(), FrameError> {
+    let too_large = FrameError::FrameTooLarge {
+        len,
+        max: MAX_CLIENT_FRAME_BYTES,
+    };
+    if len > MAX_CLIENT_FRAME_BYTES {
+        return Err(too_large);
+    }
+    let wire_len = u32::try_from(len).map_err(|_| too_large)?;
+    put_fixed_header(buf, frame_type, wire_len);
+    Ok(())
+}
+
+/// Appends the header of a frame whose length is a constant of the protocol.
+fn put_fixed_header(buf: &mut impl BufMut, frame_type: FrameType, len: u32) {
     buf.put_u8(frame_type as u8);
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    buf.put_u32(len);
 }
 
 // ---- Server-to-client encoders -------------------------------------------------------------
 
 pub fn encode_server_key(buf: &mut impl BufMut, server: &NodePublic) {
-    put_header(buf, FrameType::ServerKey, MAGIC.len() + KEY_LEN);
+    put_fixed_header(buf, FrameType::ServerKey, (MAGIC.len() + KEY_LEN) as u32);
     buf.put_slice(&MAGIC);
     buf.put_slice(server.as_bytes());
 }
 
-pub fn encode_server_info(buf: &mut impl BufMut, sealed: &[u8]) {
-    put_header(buf, FrameType::ServerInfo, sealed.len());
+pub fn encode_server_info(buf: &mut impl BufMut, sealed: &[u8]) -> Result<(), FrameError> {
+    put_header(buf, FrameType::ServerInfo, sealed.len())?;
     buf.put_slice(sealed);
+    Ok(())
 }
 
-pub fn encode_recv_packet(buf: &mut impl BufMut, src: &NodePublic, packet: &[u8]) {
-    encode_recv_packet_head(buf, src, packet.len());
+pub fn encode_recv_packet(
+    buf: &mut impl BufMut,
+    src: &NodePublic,
+    packet: &[u8],
+) -> Result<(), FrameError> {
+    encode_recv_packet_head(buf, src, packet.len())?;
     buf.put_slice(packet);
+    Ok(())
 }
 
 /// A RecvPacket frame without its payload (see [`encode_send_packet_head`]).
-pub fn encode_recv_packet_head(buf: &mut impl BufMut, src: &NodePublic, packet_len: usize) {
-    put_header(buf, FrameType::RecvPacket, KEY_LEN + packet_len);
+pub fn encode_recv_packet_head(
+    buf: &mut impl BufMut,
+    src: &NodePublic,
+    packet_len: usize,
+) -> Result<(), FrameError> {
+    put_header(buf, FrameType::RecvPacket, KEY_LEN + packet_len)?;
     buf.put_slice(src.as_bytes());
+    Ok(())
 }
 
 pub fn encode_keep_alive(buf: &mut impl BufMut) {
-    put_header(buf, FrameType::KeepAlive, 0);
+    put_fixed_header(buf, FrameType::KeepAlive, 0);
 }
 
 pub fn encode_peer_gone(buf: &mut impl BufMut, key: &NodePublic, reason: PeerGoneReason) {
-    put_header(buf, FrameType::PeerGone, KEY_LEN + 1);
+    put_fixed_header(buf, FrameType::PeerGone, (KEY_LEN + 1) as u32);
     buf.put_slice(key.as_bytes());
     buf.put_u8(reason.to_u8());
 }
@@ -469,7 +496,7 @@ pub fn encode_peer_present(
     addr: Option<SocketAddr>,
     flags: u8,
 ) {
-    put_header(buf, FrameType::PeerPresent, PEER_PRESENT_BYTES);
+    put_fixed_header(buf, FrameType::PeerPresent, PEER_PRESENT_BYTES as u32);
     buf.put_slice(key.as_bytes());
     match addr {
         Some(a) => {
@@ -489,37 +516,48 @@ pub fn encode_peer_present(
 }
 
 pub fn encode_ping(buf: &mut impl BufMut, data: &[u8; 8]) {
-    put_header(buf, FrameType::Ping, 8);
+    put_fixed_header(buf, FrameType::Ping, 8);
     buf.put_slice(data);
 }
 
 pub fn encode_pong(buf: &mut impl BufMut, data: &[u8; 8]) {
-    put_header(buf, FrameType::Pong, 8);
+    put_fixed_header(buf, FrameType::Pong, 8);
     buf.put_slice(data);
 }
 
-pub fn encode_health(buf: &mut impl BufMut, problem: &str) {
-    put_header(buf, FrameType::Health, problem.len());
+pub fn encode_health(buf: &mut impl BufMut, problem: &str) -> Result<(), FrameError> {
+    put_header(buf, FrameType::Health, problem.len())?;
     buf.put_slice(problem.as_bytes());
+    Ok(())
 }
 
 pub fn encode_restarting(buf: &mut impl BufMut, reconnect_in_ms: u32, try_for_ms: u32) {
-    put_header(buf, FrameType::Restarting, 8);
+    put_fixed_header(buf, FrameType::Restarting, 8);
     buf.put_u32(reconnect_in_ms);
     buf.put_u32(try_for_ms);
 }
 
 // ---- Client-to-server encoders -------------------------------------------------------------
 
-pub fn encode_client_info(buf: &mut impl BufMut, client: &NodePublic, sealed: &[u8]) {
-    put_header(buf, FrameType::ClientInfo, KEY_LEN + sealed.len());
+pub fn encode_client_info(
+    buf: &mut impl BufMut,
+    client: &NodePublic,
+    sealed: &[u8],
+) -> Result<(), FrameError> {
+    put_header(buf, FrameType::ClientInfo, KEY_LEN + sealed.len())?;
     buf.put_slice(client.as_bytes());
     buf.put_slice(sealed);
+    Ok(())
 }
 
-pub fn encode_send_packet(buf: &mut impl BufMut, dst: &NodePublic, packet: &[u8]) {
-    encode_send_packet_head(buf, dst, packet.len());
+pub fn encode_send_packet(
+    buf: &mut impl BufMut,
+    dst: &NodePublic,
+    packet: &[u8],
+) -> Result<(), FrameError> {
+    encode_send_packet_head(buf, dst, packet.len())?;
     buf.put_slice(packet);
+    Ok(())
 }
 
 /// Bytes in front of a SendPacket or RecvPacket payload: frame header and key.
@@ -527,9 +565,14 @@ pub const PACKET_HEAD_LEN: usize = HEADER_LEN + KEY_LEN;
 
 /// A SendPacket frame without its payload, for writers that send the payload from where it
 /// already is (a vectored write) instead of copying it behind the head.
-pub fn encode_send_packet_head(buf: &mut impl BufMut, dst: &NodePublic, packet_len: usize) {
-    put_header(buf, FrameType::SendPacket, KEY_LEN + packet_len);
+pub fn encode_send_packet_head(
+    buf: &mut impl BufMut,
+    dst: &NodePublic,
+    packet_len: usize,
+) -> Result<(), FrameError> {
+    put_header(buf, FrameType::SendPacket, KEY_LEN + packet_len)?;
     buf.put_slice(dst.as_bytes());
+    Ok(())
 }
 
 pub fn encode_forward_packet(
@@ -537,24 +580,25 @@ pub fn encode_forward_packet(
     src: &NodePublic,
     dst: &NodePublic,
     packet: &[u8],
-) {
-    put_header(buf, FrameType::ForwardPacket, 2 * KEY_LEN + packet.len());
+) -> Result<(), FrameError> {
+    put_header(buf, FrameType::ForwardPacket, 2 * KEY_LEN + packet.len())?;
     buf.put_slice(src.as_bytes());
     buf.put_slice(dst.as_bytes());
     buf.put_slice(packet);
+    Ok(())
 }
 
 pub fn encode_note_preferred(buf: &mut impl BufMut, preferred: bool) {
-    put_header(buf, FrameType::NotePreferred, 1);
+    put_fixed_header(buf, FrameType::NotePreferred, 1);
     buf.put_u8(u8::from(preferred));
 }
 
 pub fn encode_watch_conns(buf: &mut impl BufMut) {
-    put_header(buf, FrameType::WatchConns, 0);
+    put_fixed_header(buf, FrameType::WatchConns, 0);
 }
 
 pub fn encode_close_peer(buf: &mut impl BufMut, key: &NodePublic) {
-    put_header(buf, FrameType::ClosePeer, KEY_LEN);
+    put_fixed_header(buf, FrameType::ClosePeer, KEY_LEN as u32);
     buf.put_slice(key.as_bytes());
 }
 
@@ -687,11 +731,11 @@ mod tests {
     #[test]
     fn send_packet_limits() {
         let mut b = Vec::new();
-        encode_send_packet(&mut b, &k(1), &vec![9u8; MAX_PACKET_BYTES]);
+        encode_send_packet(&mut b, &k(1), &vec![9u8; MAX_PACKET_BYTES]).unwrap();
         let (t, p) = split(&b);
         assert!(ClientToServer::decode(t, p).is_ok());
         let mut b = Vec::new();
-        encode_send_packet(&mut b, &k(1), &vec![9u8; MAX_PACKET_BYTES + 1]);
+        encode_send_packet(&mut b, &k(1), &vec![9u8; MAX_PACKET_BYTES + 1]).unwrap();
         let (t, p) = split(&b);
         assert_eq!(
             ClientToServer::decode(t, p),

@@ -96,7 +96,7 @@ fn go_client_frames_decode() {
     );
     // And our encoders write the same bytes.
     let mut ours = Vec::new();
-    derp_proto::frame::encode_send_packet(&mut ours, &server, b"hello");
+    derp_proto::frame::encode_send_packet(&mut ours, &server, b"hello").unwrap();
     derp_proto::frame::encode_note_preferred(&mut ours, true);
     assert_eq!(&ours[..], &bytes[..ours.len()]);
 }
