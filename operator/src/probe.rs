@@ -50,6 +50,9 @@ const MESH_RESEND: Duration = Duration::from_millis(100);
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+/// How long the verdict of an unhealthy node that left the map's targets (its pod NotReady) is
+/// kept for its return.
+const ABSENT_MEMORY: Duration = Duration::from_secs(600);
 /// Prefix of a mesh probe packet (then an 8-byte nonce).
 const MESH_MAGIC: &[u8] = b"derp-fleet-probe";
 
@@ -460,6 +463,7 @@ impl Prober {
     pub async fn run(self, cancel: CancellationToken) {
         let mut states: BTreeMap<(RegionKey, String), NodeState> = BTreeMap::new();
         let mut written: BTreeMap<(RegionKey, String), StatusNumbers> = BTreeMap::new();
+        let mut absent: BTreeMap<(RegionKey, String), (Instant, NodeState)> = BTreeMap::new();
         let mut refreshed_at = Instant::now();
         let mut map = self.map.clone();
         info!(interval = ?self.config.interval, concurrency = self.config.concurrency,
@@ -488,19 +492,32 @@ impl Prober {
                 refreshed_at = Instant::now();
             }
             let mut changed: BTreeSet<RegionKey> = BTreeSet::new();
-            // Nodes no longer probed leave the status and the metrics.
+            // Nodes no longer probed leave the status and the metrics. An unhealthy one is
+            // remembered for a while: a failing derper whose pod restarts (NotReady, then Ready
+            // again) must pass `recover_rounds` before it counts as healthy, not start afresh.
             let live: BTreeSet<(RegionKey, String)> = rounds.keys().cloned().collect();
-            for k in states.keys() {
-                if !live.contains(k) {
-                    changed.insert(k.0.clone());
+            let gone: Vec<(RegionKey, String)> = states
+                .keys()
+                .filter(|k| !live.contains(*k))
+                .cloned()
+                .collect();
+            for k in gone {
+                changed.insert(k.0.clone());
+                written.remove(&k);
+                if let Some(st) = states.remove(&k)
+                    && !st.healthy
+                {
+                    absent.insert(k, (Instant::now(), st));
                 }
             }
-            states.retain(|k, _| live.contains(k));
-            written.retain(|k, _| live.contains(k));
+            absent.retain(|_, (since, _)| since.elapsed() < ABSENT_MEMORY);
             for (key, round) in &rounds {
                 let state = states.entry(key.clone()).or_insert_with(|| {
                     changed.insert(key.0.clone());
-                    NodeState::new(self.previous_status(&key.0, &key.1).as_ref())
+                    absent.remove(key).map_or_else(
+                        || NodeState::new(self.previous_status(&key.0, &key.1).as_ref()),
+                        |(_, st)| st,
+                    )
                 });
                 let check_before = state.failing_check.clone();
                 let flipped = state.apply(round, &self.config, now);

@@ -22,6 +22,20 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The derper binary next to the test's own (`cargo build -p derper`; `cargo test --workspace`
+/// builds it).
+pub fn derper_bin() -> PathBuf {
+    // target/<profile>/deps/e2e_x-<hash> -> target/<profile>/derper
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("derper");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p derper` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
 /// What to start besides etcd, the API server, controller-manager, scheduler and kwok.
 #[derive(Default)]
 pub struct RigOptions {
@@ -218,6 +232,16 @@ impl Rig {
 
     /// Starts an operator replica; returns (index, map port).
     pub fn start_operator(&mut self, identity: &str, grace: Duration) -> (usize, u16) {
+        self.start_operator_with(identity, grace, &[])
+    }
+
+    /// [`Rig::start_operator`] with more `operator run` arguments.
+    pub fn start_operator_with(
+        &mut self,
+        identity: &str,
+        grace: Duration,
+        extra: &[&str],
+    ) -> (usize, u16) {
         let port: u16 = self.run("rigctl", &["freeport"]).trim().parse().unwrap();
         let log = self.state.join(format!("operator-{identity}.log"));
         let f = std::fs::File::create(&log).unwrap();
@@ -232,6 +256,7 @@ impl Rig {
                 "--derper-image",
                 "ghcr.io/derp-fleet/derper:e2e",
             ])
+            .args(extra)
             .env("POD_NAME", identity)
             .env("POD_NAMESPACE", "default")
             .env("RUST_LOG", "info,kube=warn")
@@ -246,7 +271,12 @@ impl Rig {
 
     /// Starts a replica and waits until it serves a map and leads.
     pub fn start_leader(&mut self, identity: &str, grace: Duration) -> u16 {
-        let (_, port) = self.start_operator(identity, grace);
+        self.start_leader_with(identity, grace, &[])
+    }
+
+    /// [`Rig::start_leader`] with more `operator run` arguments.
+    pub fn start_leader_with(&mut self, identity: &str, grace: Duration, extra: &[&str]) -> u16 {
+        let (_, port) = self.start_operator_with(identity, grace, extra);
         let (_, d) = wait_for("operator ready (caches synced, first map built)", || {
             let ok = http_get(port, "/readyz")?.0 == 200
                 && metric(port, "derpfleet_operator_leader")? == 1;
