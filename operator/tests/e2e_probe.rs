@@ -226,6 +226,12 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
         );
         assert_eq!(sample(&m, &series), Some(1.0), "{series} in\n{m}");
     }
+    // The chart's dashboard and alerts name only what this operator and its derpers export.
+    let (_, _, derper_text) = common::http_get_at(&ips[0], 9731, "/metrics").unwrap();
+    let mut exported = common::exported_names(&m);
+    exported.extend(common::exported_names(&derper_text));
+    let (exprs, checked) = common::check_chart_exprs(&exported, &["derper_", "derp_fleet_", "derpfleet_"]);
+    println!("chart PromQL: {exprs} expressions parse, {checked} metric names all exported by the operator and a derper");
     let r = rig.json(&["-n", NS, "get", "derpregion", REGION]).unwrap();
     println!(
         "status.probe: {}",
