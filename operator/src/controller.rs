@@ -6,6 +6,7 @@
 //! serves.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,9 +27,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::apply::{self, Applied, FIELD_MANAGER, WriteCounters};
 use crate::crd::{
-    CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_READY, DerpRegion, DerpRegionStatus,
+    CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_HEALTHY, CONDITION_READY,
+    DerpRegion, DerpRegionStatus, RegionProbeStatus,
 };
 use crate::mapbuild::{MapOutput, RegionFacts, RegionKey};
+use crate::probe::ProbeReport;
 use crate::prune;
 use crate::render::{
     LABEL_REGION, RenderContext, certificate_name, mesh_key_secret_name, render, tls_secret_name,
@@ -109,6 +112,10 @@ pub struct Context {
     pub counters: Arc<WriteCounters>,
     /// Latest map build (facts per region), from the map task.
     pub map: watch::Receiver<Option<Arc<MapOutput>>>,
+    /// The prober's view per region (`None` when probing is off).
+    pub probe: watch::Receiver<Option<Arc<ProbeReport>>>,
+    /// `--probe-gates-map`, for the `Healthy` condition's message.
+    pub probe_gates_map: bool,
     /// Whether this replica holds the Lease.
     pub leader: watch::Receiver<bool>,
     /// Whether cert-manager's Certificate CRD was found.
@@ -344,7 +351,18 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         return Ok(Action::requeue(FACTS_PENDING_RETRY));
     };
     let old = region.status.clone();
-    let new = desired_status(region, &facts, &cert_state, old.as_ref(), now_seconds());
+    let probe = ctx
+        .probe
+        .borrow()
+        .as_ref()
+        .map(|p| p.get(&key_of(region)).cloned().unwrap_or_default());
+    let new = with_probe(
+        desired_status(region, &facts, &cert_state, old.as_ref(), now_seconds()),
+        probe,
+        ctx.probe_gates_map,
+        old.as_ref(),
+        now_seconds(),
+    );
     if old.as_ref() != Some(&new) {
         let api = Api::<DerpRegion>::namespaced(client.clone(), ns);
         let patch = json!({
@@ -364,7 +382,10 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         })?;
         apply::count_status_write(c);
         info!(ready = ?new.nodes_ready, "status updated");
-        for ev in transitions(old.as_ref(), &new) {
+        for ev in transitions(old.as_ref(), &new)
+            .into_iter()
+            .chain(probe_transitions(old.as_ref(), &new, &facts))
+        {
             publish(ctx, region, ev).await;
         }
     }
@@ -689,6 +710,147 @@ pub fn desired_status(
         nodes_ready: Some(format!("{}/{}", facts.ready, facts.desired)),
         nodes: facts.nodes.clone(),
         message: (!message.is_empty()).then(|| message.join("; ")),
+        probe: None,
+    }
+}
+
+/// Adds the prober's view to a status: `status.probe` and the `Healthy` condition. `probe` is
+/// `None` when this replica does not probe (both are then left out). Pure.
+pub fn with_probe(
+    mut status: DerpRegionStatus,
+    probe: Option<RegionProbeStatus>,
+    gates_map: bool,
+    old: Option<&DerpRegionStatus>,
+    now: Timestamp,
+) -> DerpRegionStatus {
+    let Some(probe) = probe.filter(|p| !p.nodes.is_empty()) else {
+        return status;
+    };
+    let failing: Vec<String> = probe
+        .nodes
+        .iter()
+        .filter(|n| !n.healthy)
+        .map(|n| {
+            let mut s = format!(
+                "{}: {} failing",
+                n.name,
+                n.failing_check.as_deref().unwrap_or("probe")
+            );
+            if let Some(t) = &n.failing_since {
+                let _ = write!(s, " since {}", t.0);
+            }
+            if let Some(m) = &n.message {
+                let _ = write!(s, " ({m})");
+            }
+            s
+        })
+        .collect();
+    let (ok, reason, message) = if failing.is_empty() {
+        (
+            true,
+            "ProbesPassing",
+            format!(
+                "all {} probed nodes pass the tls, derp, stun and mesh checks",
+                probe.nodes.len()
+            ),
+        )
+    } else {
+        let gate = if gates_map {
+            "left out of the map while another node of the region is healthy"
+        } else {
+            "still in the map (--probe-gates-map is off)"
+        };
+        (
+            false,
+            "ProbeFailing",
+            truncate(&format!("{}; {gate}", failing.join("; ")), 1000),
+        )
+    };
+    status.conditions.push(condition(
+        CONDITION_HEALTHY,
+        ok,
+        reason,
+        message,
+        status.observed_generation,
+        old,
+        now,
+    ));
+    status.probe = Some(probe);
+    status
+}
+
+/// One Event per node whose probe verdict changed. Each names the node's Kubernetes Node as the
+/// related object and the failing check in its reason: the recorder folds repeats of one
+/// (reason, object, related object) into a series and keeps the first note, so a shared reason
+/// would report the second failing node under the first one's name.
+pub fn probe_transitions(
+    old: Option<&DerpRegionStatus>,
+    new: &DerpRegionStatus,
+    facts: &RegionFacts,
+) -> Vec<Event> {
+    let Some(probe) = &new.probe else {
+        return Vec::new();
+    };
+    let was = |name: &str| {
+        old.and_then(|o| o.probe.as_ref())
+            .and_then(|p| p.nodes.iter().find(|n| n.name == name))
+            .map(|n| n.healthy)
+    };
+    let mut out = Vec::new();
+    for n in &probe.nodes {
+        let before = was(&n.name);
+        if before == Some(n.healthy) || (before.is_none() && n.healthy) {
+            continue;
+        }
+        let (type_, reason, note) = if n.healthy {
+            (
+                EventType::Normal,
+                "ProbeRecovered".to_string(),
+                format!("{}: every probe passes again", n.name),
+            )
+        } else {
+            let check = n.failing_check.as_deref().unwrap_or("probe");
+            (
+                EventType::Warning,
+                format!("ProbeFailing{}", check_title(check)),
+                format!(
+                    "{}: the {check} check failed {}: {}",
+                    n.name,
+                    n.failing_since
+                        .as_ref()
+                        .map_or_else(String::new, |t| format!("since {}", t.0)),
+                    n.message.as_deref().unwrap_or("no detail")
+                ),
+            )
+        };
+        let node = facts
+            .nodes
+            .iter()
+            .find(|p| p.name == n.name)
+            .map(|p| p.node_name.clone());
+        out.push(Event {
+            type_,
+            reason,
+            note: Some(truncate(&note, 1000)),
+            action: "Probe".into(),
+            secondary: node.map(|name| k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(name),
+                ..Default::default()
+            }),
+        });
+    }
+    out
+}
+
+fn check_title(check: &str) -> &'static str {
+    match check {
+        "tls" => "TLS",
+        "derp" => "DERP",
+        "stun" => "STUN",
+        "mesh" => "Mesh",
+        _ => "",
     }
 }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,8 @@ pub const NODE_PLACEHOLDER: &str = "{node}";
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_CERTIFICATE_READY: &str = "CertificateReady";
 pub const CONDITION_CONFLICT: &str = "Conflict";
+/// Set while the operator probes: True when every probed node passes its checks.
+pub const CONDITION_HEALTHY: &str = "Healthy";
 
 /// A DERP region: which nodes run a derper, how they are named and reached, and how their TLS
 /// certificate is obtained. The operator publishes every node whose derper is Ready in the DERP map
@@ -365,7 +367,7 @@ pub struct DerpRegionStatus {
     /// `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `CertificateReady`, `Conflict`.
+    /// `Ready`, `CertificateReady`, `Conflict`, and `Healthy` while the operator probes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// `ready/desired` nodes, for `kubectl get`.
@@ -377,6 +379,56 @@ pub struct DerpRegionStatus {
     /// What a person should know (why the region is not in the map, warnings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the operator's prober sees of each node in the map (absent when probing is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<RegionProbeStatus>,
+}
+
+/// The prober's view of a region: one entry per node it probes, sorted by name.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionProbeStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeProbeStatus>,
+}
+
+/// One node's probe results. Latencies and `lastSuccess` are refreshed when a check changes
+/// state and otherwise every `--probe-status-refresh` (the metrics have every round).
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeProbeStatus {
+    /// DERP node name in the map.
+    pub name: String,
+    /// False once the node failed `--probe-fail-rounds` rounds in a row; true again after
+    /// `--probe-recover-rounds` good rounds.
+    pub healthy: bool,
+    /// When every check last passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<Time>,
+    /// The first failing check of the latest round: `tls`, `derp`, `stun` or `mesh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_check: Option<String>,
+    /// Start of the current run of failed rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<Time>,
+    /// What the failing check reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// TLS handshake, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ms: Option<u32>,
+    /// Whole connect (TCP, TLS, DERP handshake up to ServerInfo), milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derp_ms: Option<u32>,
+    /// STUN binding round trip, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stun_ms: Option<u32>,
+    /// Slowest delivery through the mesh from this node to a sibling's client, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ms: Option<u32>,
+    /// `notAfter` of the certificate the node serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<Time>,
 }
 
 /// One node of the region as seen in the map.
@@ -392,7 +444,8 @@ pub struct PublishedNode {
     pub ipv4: Option<String>,
     #[serde(default, rename = "ipv6", skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<String>,
-    /// The derper pod is Ready (or NotReady for less than the grace).
+    /// In the map: the derper pod is Ready (or NotReady for less than the grace), and the
+    /// prober does not hold it out (`--probe-gates-map`).
     pub ready: bool,
 }
 

@@ -11,6 +11,7 @@ pub mod mapbuild;
 pub mod mapserver;
 pub mod maptask;
 pub mod preview;
+pub mod probe;
 pub mod prune;
 pub mod render;
 pub mod run;

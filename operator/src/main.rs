@@ -88,6 +88,33 @@ struct RunArgs {
     /// of API requests when many regions change together (a cold start, winning the Lease).
     #[arg(long, env = "DERPFLEET_RECONCILE_CONCURRENCY", default_value_t = 16)]
     reconcile_concurrency: u16,
+    /// Probe every node in the map this often (TLS and DERP handshake, STUN, mesh delivery
+    /// between the nodes of a region), e.g. 15s; 0s (the default) leaves the prober off.
+    #[arg(long, env = "DERPFLEET_PROBE_INTERVAL", default_value = "0s", value_parser = parse_duration)]
+    probe_interval: std::time::Duration,
+    /// Most nodes (and node pairs) probed at once.
+    #[arg(long, env = "DERPFLEET_PROBE_CONCURRENCY", default_value_t = 32)]
+    probe_concurrency: u16,
+    /// Bound of each probe check (the whole DERP connect, a STUN answer, a mesh delivery).
+    #[arg(long, env = "DERPFLEET_PROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    probe_timeout: std::time::Duration,
+    /// Failed rounds in a row after which a node is unhealthy.
+    #[arg(long, env = "DERPFLEET_PROBE_FAIL_ROUNDS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    probe_fail_rounds: u32,
+    /// Good rounds in a row after which an unhealthy node is healthy again.
+    #[arg(long, env = "DERPFLEET_PROBE_RECOVER_ROUNDS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    probe_recover_rounds: u32,
+    /// Latencies and last success are written to the status at most this often (state changes
+    /// are written at once).
+    #[arg(long, env = "DERPFLEET_PROBE_STATUS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    probe_status_refresh: std::time::Duration,
+    /// Leave nodes the prober holds unhealthy out of the map (never a region's last nodes).
+    /// Off by default: the prober runs inside the cluster, and a node it cannot reach may be
+    /// fine for clients outside (and the other way round).
+    #[arg(long, env = "DERPFLEET_PROBE_GATES_MAP")]
+    probe_gates_map: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -155,6 +182,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         derper_image: args.derper_image,
         map_configmap: Some(args.map_configmap).filter(|n| !n.is_empty()),
         reconcile_concurrency: args.reconcile_concurrency,
+        probe: (!args.probe_interval.is_zero()).then(|| derp_operator::probe::ProbeConfig {
+            interval: args.probe_interval,
+            concurrency: usize::from(args.probe_concurrency.max(1)),
+            timeout: args.probe_timeout,
+            fail_rounds: args.probe_fail_rounds,
+            recover_rounds: args.probe_recover_rounds,
+            status_refresh: args.probe_status_refresh,
+        }),
+        probe_gates_map: args.probe_gates_map,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {

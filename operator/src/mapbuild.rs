@@ -63,6 +63,9 @@ pub struct MapInput<'a> {
     /// pod that never was Ready must not enter the map).
     pub previously_published: &'a BTreeSet<String>,
     pub now: Timestamp,
+    /// DERP node names the prober holds to be failing (`--probe-gates-map`; empty when off):
+    /// they leave the map, unless that would leave their region with no node at all.
+    pub probe_failing: &'a BTreeSet<String>,
 }
 
 /// What the controller writes into one region's status.
@@ -91,6 +94,9 @@ pub struct MapOutput {
     pub published: BTreeSet<String>,
     /// When a grace expires and the map must be rebuilt even if nothing else changes.
     pub next_rebuild: Option<Timestamp>,
+    /// Per published region, its nodes as the map would list them without the probe gate: what
+    /// the prober probes (a gated node must still be probed to come back).
+    pub probe_targets: BTreeMap<RegionKey, Vec<DerpNode>>,
 }
 
 fn region_key(r: &DerpRegion) -> RegionKey {
@@ -266,6 +272,18 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 map_nodes.push(plan);
             }
         }
+        let probed = map_nodes.clone();
+        // The prober's verdict moves clients to healthy siblings; it never empties a region (a
+        // prober cut off from every node says more about the prober than about the nodes).
+        if map_nodes
+            .iter()
+            .any(|p| !input.probe_failing.contains(&p.derp_name))
+        {
+            map_nodes.retain(|p| !input.probe_failing.contains(&p.derp_name));
+            for n in &mut facts.nodes {
+                n.ready &= !input.probe_failing.contains(&n.name);
+            }
+        }
         facts.ready = u32::try_from(map_nodes.len()).unwrap_or(u32::MAX);
 
         let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
@@ -293,6 +311,13 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 .map(|p| derp_node(region, id, p, cert))
                 .collect();
             out.published.extend(nodes.iter().map(|n| n.name.clone()));
+            out.probe_targets.insert(
+                key.clone(),
+                probed
+                    .iter()
+                    .map(|p| derp_node(region, id, p, cert))
+                    .collect(),
+            );
             out.map.regions.insert(
                 id,
                 MapRegion {
@@ -540,6 +565,7 @@ mod tests {
                 secrets: &shared(secrets),
                 previously_published: prev,
                 now: ts(now),
+                probe_failing: &BTreeSet::new(),
             },
             &MapConfig::default(),
         )
@@ -621,6 +647,61 @@ mod tests {
         );
         let keys: Vec<u32> = a.map.regions.keys().copied().collect();
         assert_eq!(keys, [900, 901]);
+    }
+
+    #[test]
+    fn probe_failing_nodes_leave_the_map_but_never_empty_a_region() {
+        let r = insecure("home", 900);
+        let nodes = nodes3();
+        let pods = vec![
+            pod("home", "a", true, NOW_S - 100),
+            pod("home", "b", true, NOW_S - 100),
+        ];
+        let gated = |failing: &[&str]| {
+            let failing: BTreeSet<String> = failing.iter().map(|s| s.to_string()).collect();
+            build_map(
+                &MapInput {
+                    regions: &[Arc::new(r.clone())],
+                    nodes: &nodes.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                    pods: &pods.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                    secrets: &[],
+                    previously_published: &BTreeSet::new(),
+                    now: ts(NOW_S),
+                    probe_failing: &failing,
+                },
+                &MapConfig::default(),
+            )
+        };
+        let names = |out: &MapOutput| -> Vec<String> {
+            out.map.regions[&900]
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .collect()
+        };
+        let key = ("derp".to_string(), "home".to_string());
+        let targets = |out: &MapOutput| -> Vec<String> {
+            out.probe_targets[&key]
+                .iter()
+                .map(|n| n.name.clone())
+                .collect()
+        };
+        let none = gated(&[]);
+        assert_eq!(names(&none), ["900-a", "900-b"]);
+        let one = gated(&["900-b"]);
+        assert_eq!(names(&one), ["900-a"]);
+        // The gated node is still probed (else it could never come back), and the status says
+        // it is out of the map.
+        assert_eq!(targets(&one), ["900-a", "900-b"]);
+        let f = &one.facts[&key];
+        assert_eq!(f.ready, 1);
+        assert!(!f.nodes.iter().find(|n| n.name == "900-b").unwrap().ready);
+        // Every node failing: the region keeps them all (the prober may be the one cut off).
+        let all = gated(&["900-a", "900-b"]);
+        assert_eq!(names(&all), ["900-a", "900-b"]);
+        assert_eq!(all.facts[&key].ready, 2);
+        // A node of another region with the same verdict set changes nothing here.
+        assert_eq!(names(&gated(&["901-a"])), ["900-a", "900-b"]);
     }
 
     #[test]

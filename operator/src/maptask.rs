@@ -75,12 +75,17 @@ pub struct MapTask {
     pub counters: Arc<WriteCounters>,
     /// Map rebuilds and publications, for `/metrics`.
     pub stats: Arc<MapStats>,
+    /// `--probe-gates-map`: nodes the prober's verdict (in the regions' status, so every replica
+    /// serves the same map) holds failing leave the map.
+    pub probe_gates_map: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct MapStats {
     pub builds: std::sync::atomic::AtomicU64,
     pub publications: std::sync::atomic::AtomicU64,
+    /// Unix milliseconds of the latest publication (0: none yet).
+    pub last_publication_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The `derp-map` ConfigMap for `map`.
@@ -116,15 +121,22 @@ pub fn render_map_configmap(
 
 impl MapTask {
     fn build(&self, previously_published: &BTreeSet<String>) -> MapOutput {
+        let regions = self.stores.regions.state();
+        let probe_failing = if self.probe_gates_map {
+            crate::probe::failing_nodes(&regions)
+        } else {
+            BTreeSet::new()
+        };
         // The caches' own `Arc`s: a rebuild shares the objects instead of copying them.
         build_map(
             &MapInput {
-                regions: &self.stores.regions.state(),
+                regions: &regions,
                 nodes: &self.stores.nodes.state(),
                 pods: &self.stores.pods.state(),
                 secrets: &self.stores.secrets.state(),
                 previously_published,
                 now: Timestamp::now(),
+                probe_failing: &probe_failing,
             },
             &self.config,
         )
@@ -199,6 +211,10 @@ impl MapTask {
                 self.stats
                     .publications
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.last_publication_ms.store(
+                    u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 info!(
                     regions = snap.regions,
                     nodes = snap.nodes,

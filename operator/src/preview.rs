@@ -135,6 +135,7 @@ pub fn preview(
             secrets: &secrets,
             previously_published: &BTreeSet::new(),
             now,
+            probe_failing: &BTreeSet::new(),
         },
         &MapConfig::default(),
     );

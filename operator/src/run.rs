@@ -35,6 +35,7 @@ use crate::leader::{self, LeaseConfig};
 use crate::mapbuild::MapConfig;
 use crate::mapserver::{self, MapServerState};
 use crate::maptask::{MapConfigMap, MapStats, MapTask};
+use crate::probe::{ProbeConfig, ProbeMetrics, Prober};
 use crate::render::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, MANAGER_NAME};
 use crate::slim;
 
@@ -68,6 +69,10 @@ pub struct RunConfig {
     pub map_configmap: Option<String>,
     /// Most regions reconciled at once (0: no limit).
     pub reconcile_concurrency: u16,
+    /// The fleet prober (`None`: off).
+    pub probe: Option<ProbeConfig>,
+    /// Nodes the prober holds failing leave the map (see `probe`).
+    pub probe_gates_map: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,8 +139,58 @@ fn operator_metrics(
     stats: Arc<MapStats>,
     ctx: Arc<Context>,
     leader: watch::Receiver<bool>,
+    probe: Option<Arc<ProbeMetrics>>,
 ) -> mapserver::ExtraMetrics {
     Arc::new(move || {
+        let mut text = counters_text(&counters, &stats, &ctx, &leader);
+        text.push_str(&region_metrics(&ctx, &stats));
+        if let Some(p) = &probe {
+            text.push_str(&p.render());
+        }
+        text
+    })
+}
+
+/// Per region: nodes selected and nodes in the map; and when the map last changed.
+fn region_metrics(ctx: &Context, stats: &MapStats) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "# HELP derp_fleet_region_desired_nodes Nodes the region selects.\n\
+         # TYPE derp_fleet_region_desired_nodes gauge\n",
+    );
+    let mut ready = String::from(
+        "# HELP derp_fleet_region_ready_nodes Nodes of the region in the DERP map.\n\
+         # TYPE derp_fleet_region_ready_nodes gauge\n",
+    );
+    if let Some(m) = ctx.map.borrow().as_ref() {
+        for ((ns, name), f) in &m.facts {
+            let l = format!("namespace=\"{ns}\",region=\"{name}\"");
+            let _ = writeln!(out, "derp_fleet_region_desired_nodes{{{l}}} {}", f.desired);
+            let _ = writeln!(ready, "derp_fleet_region_ready_nodes{{{l}}} {}", f.ready);
+        }
+    }
+    out.push_str(&ready);
+    let last = stats.last_publication_ms.load(Ordering::Relaxed);
+    if last > 0 {
+        let _ = write!(
+            out,
+            "# HELP derp_fleet_map_last_publication_timestamp_seconds When this replica last \
+             published a changed map (Unix seconds).\n\
+             # TYPE derp_fleet_map_last_publication_timestamp_seconds gauge\n\
+             derp_fleet_map_last_publication_timestamp_seconds {}\n",
+            last as f64 / 1000.0
+        );
+    }
+    out
+}
+
+fn counters_text(
+    counters: &WriteCounters,
+    stats: &MapStats,
+    ctx: &Context,
+    leader: &watch::Receiver<bool>,
+) -> String {
+    {
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         format!(
             "# HELP derpfleet_operator_leader Whether this replica holds the Lease.\n\
@@ -175,7 +230,7 @@ fn operator_metrics(
             l(&stats.builds),
             l(&stats.publications),
         )
-    })
+    }
 }
 
 /// Runs the operator until `cancel` fires; then stops the controller, releases the Lease and
@@ -332,6 +387,20 @@ pub async fn run(
     let (snap_tx, snap_rx) = watch::channel(None);
     let (out_tx, out_rx) = watch::channel(None);
     let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel::<ObjectRef<DerpRegion>>();
+    let (probe_tx, probe_rx) = watch::channel(None);
+    let probe_metrics = cfg
+        .probe
+        .as_ref()
+        .map(|_| Arc::new(ProbeMetrics::default()));
+    let prober = cfg.probe.clone().map(|config| Prober {
+        config,
+        map: out_rx.clone(),
+        regions: stores.regions.clone(),
+        secrets: stores.secrets.clone(),
+        report: probe_tx,
+        trigger: trigger_tx.clone(),
+        metrics: probe_metrics.clone().unwrap_or_default(),
+    });
     let map_task = MapTask {
         stores: stores.clone(),
         config: cfg.map.clone(),
@@ -347,8 +416,10 @@ pub async fn run(
         }),
         counters: counters.clone(),
         stats: stats.clone(),
+        probe_gates_map: cfg.probe_gates_map,
     };
     let map_handle = tokio::spawn(map_task.run(cancel.clone()));
+    let probe_handle = prober.map(|p| tokio::spawn(p.run(cancel.clone())));
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -362,6 +433,8 @@ pub async fn run(
         ),
         counters: counters.clone(),
         map: out_rx,
+        probe: probe_rx,
+        probe_gates_map: cfg.probe_gates_map,
         leader: leader_rx.clone(),
         cert_crd,
         derper_image: cfg.derper_image.clone(),
@@ -374,6 +447,7 @@ pub async fn run(
         stats,
         ctx.clone(),
         leader_rx.clone(),
+        probe_metrics,
     ));
     let server = {
         let c = cancel.clone();
@@ -443,6 +517,9 @@ pub async fn run(
     cancel.cancel();
     let _ = leader_task.await;
     let _ = map_handle.await;
+    if let Some(p) = probe_handle {
+        let _ = p.await;
+    }
     let served = server.await;
     if let Some(m) = metrics_server {
         let _ = m.await;

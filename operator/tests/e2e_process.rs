@@ -35,18 +35,6 @@ use serde_json::{Value, json};
 
 const NS: &str = "e2e";
 
-fn derper_bin() -> PathBuf {
-    // target/<profile>/deps/e2e_process-<hash> -> target/<profile>/derper
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("derper");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p derper` (cargo test --workspace does)",
-        bin.display()
-    );
-    bin
-}
-
 fn tailscale_bin() -> PathBuf {
     let out = Command::new(common::repo_root().join("tests/interop/build"))
         .output()
@@ -188,7 +176,7 @@ fn relay(
 #[test]
 fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     let t_all = Instant::now();
-    let derper = derper_bin();
+    let derper = common::derper_bin();
     let ts = tailscale_bin();
     let mut rig = Rig::start(RigOptions {
         certmanager: true,

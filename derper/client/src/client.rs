@@ -63,6 +63,12 @@ pub struct ConnInfo {
     /// Fast start was used (no 101 read).
     pub fast_start: bool,
     pub transport: Transport,
+    /// How long the TLS handshake took (from the TCP connection being up to TLS being
+    /// established); `None` without TLS.
+    pub tls_handshake: Option<Duration>,
+    /// `notAfter` of the server's leaf certificate (the first one that is not the DERP meta
+    /// certificate), in Unix seconds; `None` without TLS or when it cannot be parsed.
+    pub leaf_not_after: Option<i64>,
 }
 
 /// A connected DERP client. Use it directly from one task, or [`Client::split`] it.
@@ -746,6 +752,8 @@ async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
         metacert: tls.metacert,
         fast_start: fast_key.is_some(),
         transport: cfg.transport,
+        tls_handshake: tls.handshake,
+        leaf_not_after: tls.leaf_not_after,
     };
     tracing::debug!(
         server = %server_key,
@@ -783,6 +791,8 @@ struct TlsFacts {
     version: Option<String>,
     /// The DERP meta certificate's server key and protocol version, trusted only over TLS 1.3.
     metacert: Option<(NodePublic, u32)>,
+    handshake: Option<Duration>,
+    leaf_not_after: Option<i64>,
 }
 
 async fn secure(
@@ -799,6 +809,7 @@ async fn secure(
     // An IP literal becomes ServerName::IpAddress, for which rustls sends no SNI (as Go).
     let server_name = ServerName::try_from(sni.to_owned())
         .map_err(|e| ClientError::Config(format!("TLS server name {sni:?}: {e}")))?;
+    let started = Instant::now();
     let stream = step(deadline, "TLS handshake", async {
         tokio_rustls::TlsConnector::from(tls_cfg)
             .connect(server_name, tcp)
@@ -808,8 +819,11 @@ async fn secure(
     .await?;
     let conn = stream.get_ref().1;
     let tls_13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    let handshake = started.elapsed();
     let facts = TlsFacts {
         version: conn.protocol_version().map(|v| format!("{v:?}")),
+        handshake: Some(handshake),
+        leaf_not_after: conn.peer_certificates().and_then(tls::leaf_not_after),
         // Only TLS 1.3 hides the certificates, so only then does Go trust the metacert.
         metacert: tls_13
             .then(|| conn.peer_certificates().and_then(tls::parse_metacert))

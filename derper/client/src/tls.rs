@@ -166,6 +166,16 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// `notAfter` (Unix seconds) of the first certificate of `chain` that is not a DERP meta
+/// certificate: the leaf a client verifies, whose expiry the prober reports.
+pub fn leaf_not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    chain
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, c)| c))
+        .find(|c| !last_common_name(c).is_some_and(|cn| cn.starts_with(METACERT_CN_PREFIX)))
+        .map(|c| c.validity().not_after.timestamp())
+}
+
 /// Whether a certificate's subject CN starts with `derpkey`. Unparseable certificates are not
 /// metacerts (and fail any check that parses them).
 pub fn is_metacert(der: &[u8]) -> bool {
@@ -400,6 +410,19 @@ mod tests {
 
     fn dns(s: &str) -> ServerName<'static> {
         ServerName::try_from(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn leaf_not_after_skips_the_metacert() {
+        let server = NodePrivate::generate().public();
+        let meta = metacert(&format!("derpkey{}", server.untyped_hex()), &[2]);
+        let l = leaf(&["127.0.0.1"], (2020, 1), (2099, 1));
+        // 2099-01-01T00:00:00Z
+        let want = Some(4_070_908_800);
+        assert_eq!(leaf_not_after(&[meta.clone(), l.clone()]), want);
+        assert_eq!(leaf_not_after(&[l, meta.clone()]), want);
+        assert_eq!(leaf_not_after(&[meta]), None);
+        assert_eq!(leaf_not_after(&[CertificateDer::from(vec![1, 2, 3])]), None);
     }
 
     #[test]

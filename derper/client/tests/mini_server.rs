@@ -329,6 +329,9 @@ async fn tls13_pin_uses_fast_start_without_sni() {
     assert!(info.fast_start);
     assert_eq!(info.metacert, Some((s.key, 2)));
     assert_eq!(info.tls_version.as_deref(), Some("TLSv1_3"));
+    assert!(info.tls_handshake.is_some_and(|d| d > Duration::ZERO));
+    // The leaf's expiry (rcgen's default notAfter is 4096-01-01), not the metacert's.
+    assert_eq!(info.leaf_not_after, Some(67_090_118_400));
     assert_eq!(a.server_key(), s.key);
     let seen = s.seen.lock().unwrap()[0].clone();
     assert!(seen.fast_start);

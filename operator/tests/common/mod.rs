@@ -22,6 +22,20 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The derper binary next to the test's own (`cargo build -p derper`; `cargo test --workspace`
+/// builds it).
+pub fn derper_bin() -> PathBuf {
+    // target/<profile>/deps/e2e_x-<hash> -> target/<profile>/derper
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("derper");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p derper` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
 /// What to start besides etcd, the API server, controller-manager, scheduler and kwok.
 #[derive(Default)]
 pub struct RigOptions {
@@ -218,6 +232,16 @@ impl Rig {
 
     /// Starts an operator replica; returns (index, map port).
     pub fn start_operator(&mut self, identity: &str, grace: Duration) -> (usize, u16) {
+        self.start_operator_with(identity, grace, &[])
+    }
+
+    /// [`Rig::start_operator`] with more `operator run` arguments.
+    pub fn start_operator_with(
+        &mut self,
+        identity: &str,
+        grace: Duration,
+        extra: &[&str],
+    ) -> (usize, u16) {
         let port: u16 = self.run("rigctl", &["freeport"]).trim().parse().unwrap();
         let log = self.state.join(format!("operator-{identity}.log"));
         let f = std::fs::File::create(&log).unwrap();
@@ -232,6 +256,7 @@ impl Rig {
                 "--derper-image",
                 "ghcr.io/derp-fleet/derper:e2e",
             ])
+            .args(extra)
             .env("POD_NAME", identity)
             .env("POD_NAMESPACE", "default")
             .env("RUST_LOG", "info,kube=warn")
@@ -246,7 +271,12 @@ impl Rig {
 
     /// Starts a replica and waits until it serves a map and leads.
     pub fn start_leader(&mut self, identity: &str, grace: Duration) -> u16 {
-        let (_, port) = self.start_operator(identity, grace);
+        self.start_leader_with(identity, grace, &[])
+    }
+
+    /// [`Rig::start_leader`] with more `operator run` arguments.
+    pub fn start_leader_with(&mut self, identity: &str, grace: Duration, extra: &[&str]) -> u16 {
+        let (_, port) = self.start_operator_with(identity, grace, extra);
         let (_, d) = wait_for("operator ready (caches synced, first map built)", || {
             let ok = http_get(port, "/readyz")?.0 == 200
                 && metric(port, "derpfleet_operator_leader")? == 1;
@@ -542,4 +572,143 @@ pub fn secret_data(secret: &Value, key: &str) -> Option<String> {
         .decode(b64.as_str()?)
         .ok()?;
     String::from_utf8(raw).ok()
+}
+
+/// Every PromQL expression of the chart: (where, expression), from the dashboard's panels and
+/// the PrometheusRule's alerts.
+pub fn chart_exprs() -> Vec<(String, String)> {
+    let files = repo_root().join("charts/derp-fleet/files");
+    let mut out = Vec::new();
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(files.join("dashboard.json")).unwrap())
+            .unwrap();
+    fn walk(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) => {
+                let here = m
+                    .get("title")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| at.to_string(), |t| format!("dashboard panel {t:?}"));
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr", Value::String(e)) => out.push((here.clone(), e.clone())),
+                        _ => walk(x, &here, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, at, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, "dashboard", &mut out);
+    let rules: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(files.join("prometheus-rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    for g in rules["groups"].as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            out.push((
+                format!("alert {}", r["alert"].as_str().unwrap()),
+                r["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// The metric names an expression selects; panics with the parser's message if it does not
+/// parse.
+pub fn expr_metric_names(at: &str, expr: &str) -> Vec<String> {
+    use promql_parser::parser::{self, Expr};
+    use promql_parser::util::{ExprVisitor, walk_expr};
+    struct Names(Vec<String>);
+    impl ExprVisitor for Names {
+        type Error = ();
+        fn pre_visit(&mut self, e: &Expr) -> Result<bool, ()> {
+            let vs = match e {
+                Expr::VectorSelector(vs) => Some(vs),
+                Expr::MatrixSelector(ms) => Some(&ms.vs),
+                _ => None,
+            };
+            if let Some(vs) = vs {
+                let by_matcher = vs
+                    .matchers
+                    .matchers
+                    .iter()
+                    .filter(|m| m.name == "__name__")
+                    .map(|m| m.value.clone());
+                self.0.extend(vs.name.clone().into_iter().chain(by_matcher));
+            }
+            Ok(true)
+        }
+    }
+    let ast = parser::parse(expr).unwrap_or_else(|e| panic!("{at}: {expr:?} does not parse: {e}"));
+    let mut names = Names(Vec::new());
+    let _ = walk_expr(&mut names, &ast);
+    assert!(!names.0.is_empty(), "{at}: {expr:?} selects no metric");
+    names.0
+}
+
+/// The series names a Prometheus text exposition offers: every sample's name, and for each
+/// `# TYPE` line the names its samples take (a labelled family with no child yet still counts).
+pub fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let mut it = t.split_whitespace();
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            match kind {
+                "counter" => {
+                    out.insert(format!("{}_total", name.trim_end_matches("_total")));
+                }
+                "histogram" => {
+                    for s in ["_bucket", "_sum", "_count"] {
+                        out.insert(format!("{name}{s}"));
+                    }
+                }
+                _ => {
+                    out.insert(name.to_string());
+                }
+            }
+        } else if !line.starts_with('#') {
+            if let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty()) {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Checks every chart expression parses and that each metric it names with one of `prefixes`
+/// is in `exported`; returns how many expressions and names were checked.
+pub fn check_chart_exprs(
+    exported: &std::collections::BTreeSet<String>,
+    prefixes: &[&str],
+) -> (usize, usize) {
+    let exprs = chart_exprs();
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for (at, e) in &exprs {
+        for n in expr_metric_names(at, e) {
+            assert!(
+                ["derper_", "derp_fleet_", "derpfleet_"]
+                    .iter()
+                    .any(|p| n.starts_with(p)),
+                "{at}: {n} is not one of our metrics"
+            );
+            if prefixes.iter().any(|p| n.starts_with(p)) {
+                checked += 1;
+                if !exported.contains(&n) {
+                    missing.push(format!("{at}: {n}"));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the chart names metrics nobody exports: {missing:#?}"
+    );
+    (exprs.len(), checked)
 }
