@@ -90,13 +90,13 @@ struct RunArgs {
     reconcile_concurrency: u16,
     /// Probe every node in the map this often (TLS and DERP handshake, STUN, mesh delivery
     /// between the nodes of a region), e.g. 15s; 0s (the default) leaves the prober off.
-    #[arg(long, env = "DERPFLEET_PROBE_INTERVAL", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPFLEET_PROBE_INTERVAL", default_value = "0s", value_parser = go_duration::parse)]
     probe_interval: std::time::Duration,
     /// Most nodes (and node pairs) probed at once.
     #[arg(long, env = "DERPFLEET_PROBE_CONCURRENCY", default_value_t = 32)]
     probe_concurrency: u16,
     /// Bound of each probe check (the whole DERP connect, a STUN answer, a mesh delivery).
-    #[arg(long, env = "DERPFLEET_PROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "DERPFLEET_PROBE_TIMEOUT", default_value = "5s", value_parser = go_duration::parse)]
     probe_timeout: std::time::Duration,
     /// Failed rounds in a row after which a node is unhealthy.
     #[arg(long, env = "DERPFLEET_PROBE_FAIL_ROUNDS", default_value_t = 3,
@@ -108,7 +108,7 @@ struct RunArgs {
     probe_recover_rounds: u32,
     /// Latencies and last success are written to the status at most this often (state changes
     /// are written at once).
-    #[arg(long, env = "DERPFLEET_PROBE_STATUS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "DERPFLEET_PROBE_STATUS_REFRESH", default_value = "5m", value_parser = go_duration::parse)]
     probe_status_refresh: std::time::Duration,
     /// Leave nodes the prober holds unhealthy out of the map (never a region's last nodes).
     /// Off by default: the prober runs inside the cluster, and a node it cannot reach may be

@@ -601,7 +601,7 @@ pub fn chart_exprs() -> Vec<(String, String)> {
         }
     }
     walk(&dash, "dashboard", &mut out);
-    let rules: serde_yaml::Value = serde_yaml::from_str(
+    let rules: yaml_serde::Value = yaml_serde::from_str(
         &std::fs::read_to_string(files.join("prometheus-rules.yaml")).unwrap(),
     )
     .unwrap();
