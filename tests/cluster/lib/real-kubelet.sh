@@ -10,7 +10,8 @@
 #   - kubelet: cgroupDriver cgroupfs and failCgroupV1 false (containerd 1.6 has no RuntimeConfig
 #     call, so kubelet takes the driver from its config); cgroupsPerQOS false, so several kubelets
 #     on one host do not share one /kubepods tree; a node IP assigned to an interface (else the
-#     node has no InternalIP); client certificate system:node:NAME (the Node authorizer applies);
+#     node has no InternalIP) and not a loopback one (kubelet: "nodeIP can't be loopback
+#     address", again no InternalIP, no hostIP for hostNetwork pods); client certificate system:node:NAME (the Node authorizer applies);
 #     serving certificate from the rig CA; webhook authentication/authorization, so the apiserver
 #     (with the admin client certificate) can fetch logs and exec;
 #   - the kubernetes Service (10.96.0.1:443): pods reach the apiserver through a DNAT to
@@ -75,7 +76,7 @@ rk_cluster_network() {
 # rk_start_node INDEX NAME IP: containerd + kubelet for one node (components kubelet-NAME etc.).
 rk_start_node() {
   local idx=$1 name=$2 ip=$3 D=$STATE/nodes/$2
-  mkdir -p "$D"/{containerd,net.d,cni-ipam,kubelet,kubelet-pki,images}
+  mkdir -p "$D"/{containerd,net.d,cni-ipam,kubelet,kubelet-pki,pod-logs}
   ip addr show dev lo | grep -q " $ip/" || ip addr add "$ip/32" dev lo || rig_die "up: cannot assign $ip to lo"
 
   cat >"$D/containerd.toml" <<EOF
@@ -177,6 +178,7 @@ failSwapOn: false
 resolvConf: ""
 clusterDomain: cluster.local
 staticPodPath: ""
+podLogsDir: "$D/pod-logs"
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
