@@ -173,10 +173,10 @@ EOF
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=127.0.0.1 \
     -addext subjectAltName=IP:127.0.0.1 -keyout "$R/sec-p443-tls/tls.key" -out "$R/sec-p443-tls/tls.crt" 2>/dev/null
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$R/sec-p443-mesh/mesh.key"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=derp-fleet images test CA" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign -keyout "$R/ca.key" -out "$R/sec-high-tls/ca.crt" 2>/dev/null
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=derp-fleet images test CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign -days 30 -keyout "$R/ca.key" -out "$R/sec-high-tls/ca.crt" 2>/dev/null
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=node-a.derp.test -keyout "$R/sec-high-tls/tls.key" -out "$R/leaf.csr" 2>/dev/null
-  openssl x509 -req -in "$R/leaf.csr" -CA "$R/sec-high-tls/ca.crt" -CAkey "$R/ca.key" -CAcreateserial -days 2 \
+  openssl x509 -req -in "$R/leaf.csr" -CA "$R/sec-high-tls/ca.crt" -CAkey "$R/ca.key" -CAcreateserial -days 30 \
     -extfile <(printf '%s\n' 'subjectAltName=DNS:node-a.derp.test' 'extendedKeyUsage=serverAuth' 'basicConstraints=CA:FALSE') \
     -out "$R/sec-high-tls/tls.crt" 2>/dev/null
   local name
@@ -260,7 +260,12 @@ derper_container() {
   else bad "derper ($name): derprelay on port $port: $(grep -E 'FAIL|fail' "$R/$name.derprelay.out" | head -3 | tr '\n' ' ')"; fi
   local probe_args=(-once -spread=false -derp-map "file://$map")
   [[ $name == high ]] && probe_args+=(-bw-interval 1s -bw-probe-size-bytes 1000000)
-  nsenter_img timeout -k 5 120 env SSL_CERT_FILE="$ca" "$tsbin/derpprobe" "${probe_args[@]}" >"$R/$name.derpprobe.out" 2>&1
+  # (derpprobe flags certificates that expire within 7 days, so the CA-issued one lives 30.)
+  # derpprobe's TLS probe dials the HostName: a private /etc/hosts names node-a.derp.test (a mount
+  # namespace of its own; the host's file is untouched).
+  printf '127.0.0.1 localhost\n127.0.0.1 node-a.derp.test\n' >"$R/hosts"
+  nsenter_img timeout -k 5 120 unshare --mount --propagation private sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' \
+    "$R/hosts" env SSL_CERT_FILE="$ca" "$tsbin/derpprobe" "${probe_args[@]}" >"$R/$name.derpprobe.out" 2>&1
   local rc=$? o=$R/$name.derpprobe.out good bad_n
   good=$(grep -cE '(^| )good: ' "$o"); bad_n=$(grep -cE '(^| )bad: ' "$o")
   if [[ $name == p443 ]]; then
@@ -305,7 +310,8 @@ operator_container() {
        --set replicaCount=0 >"$R/helm.log" 2>&1; then
     bad "operator image: helm install: $(tail -3 "$R/helm.log")"; return
   fi
-  "${helm[@]}" template derp-fleet "$ROOT/charts/derp-fleet" -n derp-fleet >"$R/chart.yaml" 2>>"$R/helm.log"
+  "${helm[@]}" template derp-fleet "$ROOT/charts/derp-fleet" -n derp-fleet --kube-version "$RIG_K8S_VERSION" \
+    >"$R/chart.yaml" 2>>"$R/helm.log" || { bad "operator image: helm template: $(tail -3 "$R/helm.log")"; return; }
   local sa
   sa=$(python3 -c 'import sys, yaml
 for d in yaml.safe_load_all(open(sys.argv[1])):
