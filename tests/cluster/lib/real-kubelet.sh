@@ -230,8 +230,14 @@ rk_down_after() {
   local state=$1 name ip D p
   [[ -f $state/real-nodes ]] || return 0
   while read -r name ip D; do
-    # Shims outlive containerd (they are reparented); each names its containerd's socket.
-    for p in $(pgrep -f "containerd-shim-runc-v2 .*-address $D/containerd.sock" || true); do kill -KILL "$p" 2>/dev/null; done
+    # Shims outlive containerd (they are reparented); each names its containerd's socket. A
+    # container whose task ctr could not kill is a child of its shim: killed first, with the shim.
+    local shim c
+    for shim in $(pgrep -f "containerd-shim-runc-v2 .*-address $D/containerd.sock" || true); do
+      for c in $(ps -o pid= --ppid "$shim" 2>/dev/null); do kill -KILL "$c" 2>/dev/null; done
+      kill -KILL "$shim" 2>/dev/null
+      rig_log "down: killed containerd shim $shim of node $name and its containers (ctr did not stop them)"
+    done
   done <"$state/real-nodes"
   # Mounts under the state dir (pod volumes, overlay rootfs), deepest first, when `up` ran in this
   # mount namespace; in an `ip netns exec` mount namespace they went with it.
