@@ -28,6 +28,7 @@ HELM_VERSION=$(rig_modver "$PEERS_DIR/helm" helm.sh/helm/v3)
 CERTMANAGER_VERSION=$(rig_modver "$PEERS_DIR/certmanager" github.com/cert-manager/cert-manager)
 
 K8S_HOME=$RIG_CACHE/k8s-$K8S_VERSION
+KUBELET_HOME=$RIG_CACHE/kubelet-$K8S_VERSION
 ETCD_HOME=$RIG_CACHE/etcd-$ETCD_VERSION
 KWOK_HOME=$RIG_CACHE/kwok-$KWOK_VERSION
 HELM_HOME=$RIG_CACHE/helm-$HELM_VERSION
