@@ -40,6 +40,16 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::UnknownDest,
+        DropReason::UnknownDestOnFwd,
+        DropReason::GoneDisconnected,
+        DropReason::QueueHead,
+        DropReason::WriteError,
+        DropReason::DupClient,
+        DropReason::MeshQueueFull,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             DropReason::UnknownDest => "unknown_dest",
@@ -88,8 +98,39 @@ pub struct Metrics {
     pub connection_buffer_bytes: Gauge,
 }
 
+/// `clients_refused` reasons (`verify::Decision::Deny` labels) and `connections_refused` reasons
+/// (the accept loop's limits), created at zero when the registry is served.
+const CLIENT_REFUSAL_REASONS: [&str; 6] = [
+    "cached",
+    "tailscaled",
+    "tailscaled_error",
+    "url",
+    "url_unreachable",
+    "url_error",
+];
+const CONNECTION_REFUSAL_REASONS: [&str; 2] = ["accept_rate", "max_connections"];
+
 impl Metrics {
+    /// Registers every metric under `derper_`. The drop and refusal families start with a zero
+    /// series for each label value: a labelled family with no series is not exposed at all, so a
+    /// dashboard would show "no data" and `rate()`/alerts would see nothing until the first drop.
     pub fn register(&self, r: &mut Registry) {
+        for reason in DropReason::ALL {
+            for disco in [false, true] {
+                let _ = self.packets_dropped.get_or_create(&DropLabels {
+                    reason: reason.label(),
+                    kind: kind_label(disco),
+                });
+            }
+        }
+        for reason in CLIENT_REFUSAL_REASONS {
+            let _ = self.clients_refused.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in CONNECTION_REFUSAL_REASONS {
+            let _ = self
+                .connections_refused
+                .get_or_create(&ReasonLabel { reason });
+        }
         let r = r.sub_registry_with_prefix("derper");
         r.register(
             "accepts",

@@ -205,7 +205,7 @@ impl NodeState {
             last_success: t(numbers.last_success),
             failing_check: self.failing_check.clone(),
             failing_since: t(self.failing_since),
-            message: self.message.clone(),
+            message: numbers.message.clone(),
             tls_ms: numbers.latency_ms[0],
             derp_ms: numbers.latency_ms[1],
             stun_ms: numbers.latency_ms[2],
@@ -222,6 +222,8 @@ impl NodeState {
 struct StatusNumbers {
     last_success: Option<Timestamp>,
     latency_ms: [Option<u32>; 4],
+    /// The failing check's message (its text may differ every round: addresses, timings).
+    message: Option<String>,
 }
 
 fn whole_seconds(t: Timestamp) -> Option<Timestamp> {
@@ -534,6 +536,7 @@ impl Prober {
                 if flipped || check_before != state.failing_check || refresh {
                     numbers.last_success = state.last_success;
                     numbers.latency_ms = state.latency_ms;
+                    numbers.message = state.message.clone();
                     changed.insert(key.0.clone());
                 }
             }

@@ -230,8 +230,11 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
     let (_, _, derper_text) = common::http_get_at(&ips[0], 9731, "/metrics").unwrap();
     let mut exported = common::exported_names(&m);
     exported.extend(common::exported_names(&derper_text));
-    let (exprs, checked) = common::check_chart_exprs(&exported, &["derper_", "derp_fleet_", "derpfleet_"]);
-    println!("chart PromQL: {exprs} expressions parse, {checked} metric names all exported by the operator and a derper");
+    let (exprs, checked) =
+        common::check_chart_exprs(&exported, &["derper_", "derp_fleet_", "derpfleet_"]);
+    println!(
+        "chart PromQL: {exprs} expressions parse, {checked} metric names all exported by the operator and a derper"
+    );
     let r = rig.json(&["-n", NS, "get", "derpregion", REGION]).unwrap();
     println!(
         "status.probe: {}",
@@ -372,6 +375,19 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
     assert_eq!(map_nodes(port, ID).unwrap().len(), 3);
     let events = rig.kubectl(&["-n", NS, "get", "events.events.k8s.io", "-o", "wide"]);
     println!("events:\n{events}");
+    // For a look with other tools (Prometheus scraping the fleet): keep it up this long.
+    if let Some(secs) = std::env::var("DERP_FLEET_PROBE_HOLD_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        println!(
+            "holding the fleet {secs} s: operator /metrics on 127.0.0.1:{port}, derpers' on {ips:?} \
+             port 9731, derper pids in {}, env in {}",
+            rig.state.join("process-kubelet/pids").display(),
+            rig.state.join("env").display()
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     rig.stop_operators();
     println!("probe e2e done in {:?}", t_all.elapsed());
 }
