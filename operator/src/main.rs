@@ -52,9 +52,12 @@ struct RunArgs {
     /// Also serve `/metrics` (and the health endpoints) on this address.
     #[arg(long = "metrics-addr", env = "DERPFLEET_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// How long a node whose derper turned NotReady stays in the map (e.g. 5s, 500ms, 0s), so a
-    /// single failed probe does not make every client of the region redial.
-    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "5s", value_parser = parse_duration)]
+    /// How long a published node whose derper is not Ready (NotReady, restarting, or its pod
+    /// being replaced) stays in the map (e.g. 10m, 30s, 0s). Headscale reads the map only every
+    /// update_frequency, so a node dropped for a blink stays missing for clients until its next
+    /// read, while a kept node is redialled the moment its derper is back. A deleted Node, a node
+    /// the region no longer selects, or a pod not replaced within 60 s leaves at once.
+    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "10m", value_parser = parse_duration)]
     not_ready_grace: std::time::Duration,
     /// Set `OmitDefaultRegions` in the map (ask clients not to use Tailscale's own regions).
     #[arg(long, env = "DERPFLEET_OMIT_DEFAULT_REGIONS")]
@@ -90,7 +93,7 @@ struct RunArgs {
     reconcile_concurrency: u16,
 }
 
-/// Parses `5s`, `500ms`, `1m`, or plain seconds.
+/// Parses `5s`, `500ms`, `1m`, `1h`, or plain seconds.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -103,7 +106,8 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
     };
     std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }

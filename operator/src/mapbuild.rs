@@ -5,8 +5,15 @@
 //! Stability is the point: a tailscaled drops and redials every client of a region whenever that
 //! region's definition changes in any way, so equal input gives byte-identical JSON (regions keyed
 //! by id in a `BTreeMap`, nodes sorted by Kubernetes node name, names derived from node names, no
-//! timestamps or hash-map order anywhere), and a pod that blinks NotReady for less than the grace
-//! keeps its node in the map.
+//! timestamps or hash-map order anywhere).
+//!
+//! Removal suits a slow poller: Headscale reads the map every `update_frequency` (3 h by default)
+//! and a node or region it drops stays dropped until its next read, hours after the derper is back.
+//! So a published node leaves only when it is really gone: its Node is deleted, the region no
+//! longer selects the node (the DaemonSet will not run there), its pod is gone and not replaced
+//! within [`POD_REPLACE_GRACE`], or its derper stays not Ready (NotReady or terminating) past the
+//! long `not_ready_grace`. A rolling restart or a region that blinks out keeps its map entry, and
+//! clients redial it as soon as the derpers are back, without waiting for Headscale.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,11 +36,19 @@ pub const HEADSCALE_EMBEDDED_REGION_ID: i64 = 999;
 /// `(namespace, name)` of a DerpRegion.
 pub type RegionKey = (String, String);
 
+/// A published node whose derper pod is gone (deleted, evicted) while the region still selects the
+/// node stays this long for the DaemonSet to replace the pod (it does within seconds); past it,
+/// or past `not_ready_grace` if shorter, the pod counts as not replaced and the node leaves.
+pub const POD_REPLACE_GRACE: Duration = Duration::from_secs(60);
+
 /// How the map is built.
 #[derive(Debug, Clone)]
 pub struct MapConfig {
-    /// A node whose derper pod turns NotReady stays in the map this long, so a probe blip does
-    /// not make every client of the region redial twice.
+    /// A published node whose derper is not Ready (NotReady, terminating, or its pod deleted and
+    /// being replaced) stays in the map this long. Long by default: Headscale only sees the map
+    /// every `update_frequency`, so a node dropped for a blink is missing from every client until
+    /// Headscale's next read, while a node kept through a restart is redialled by clients the
+    /// moment its derper is back.
     pub not_ready_grace: Duration,
     /// Sets `omitDefaultRegions` (a hint to the control server not to add Tailscale's regions).
     pub omit_default_regions: bool,
@@ -42,13 +57,17 @@ pub struct MapConfig {
 impl Default for MapConfig {
     fn default() -> Self {
         Self {
-            // 5 s: about one readiness period; long enough for a single failed probe, short
-            // enough that a dead derper leaves the map within seconds.
-            not_ready_grace: Duration::from_secs(5),
+            // Longer than a DaemonSet rollout, a node reboot or a short outage; a derper gone for
+            // ten minutes is gone (clients of a multi-node region meanwhile dial its other
+            // nodes, clients of a one-node region pick another home).
+            not_ready_grace: DEFAULT_NOT_READY_GRACE,
             omit_default_regions: false,
         }
     }
 }
+
+/// Default of [`MapConfig::not_ready_grace`] (`--not-ready-grace`).
+pub const DEFAULT_NOT_READY_GRACE: Duration = Duration::from_secs(600);
 
 /// Everything the builder reads: the objects as the watch caches hold them (shared, so a rebuild
 /// copies no object).
@@ -62,6 +81,10 @@ pub struct MapInput<'a> {
     /// DERP node names the previous build published: only those may use the NotReady grace (a
     /// pod that never was Ready must not enter the map).
     pub previously_published: &'a BTreeSet<String>,
+    /// Since when each published node has not been Ready, as the previous build found it (feed
+    /// back [`MapOutput::unready_since`]): the clock of a node whose pod was deleted and
+    /// replaced keeps running across the replacement.
+    pub unready_since: &'a BTreeMap<String, Timestamp>,
     pub now: Timestamp,
 }
 
@@ -89,6 +112,9 @@ pub struct MapOutput {
     pub facts: BTreeMap<RegionKey, RegionFacts>,
     /// DERP node names in the map (feed back as `previously_published`).
     pub published: BTreeSet<String>,
+    /// Nodes in the map whose derper is not Ready, and since when (feed back as
+    /// `unready_since`).
+    pub unready_since: BTreeMap<String, Timestamp>,
     /// When a grace expires and the map must be rebuilt even if nothing else changes.
     pub next_rebuild: Option<Timestamp>,
 }
@@ -189,8 +215,6 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
             ))
         })
         .collect();
-    let grace_ms = i64::try_from(cfg.not_ready_grace.as_millis()).unwrap_or(i64::MAX);
-
     for region in input.regions {
         if region.metadata.deletion_timestamp.is_some() {
             continue;
@@ -211,8 +235,8 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         let selected = plan_nodes(spec, node_index.candidates(region));
         facts.desired = u32::try_from(selected.len()).unwrap_or(u32::MAX);
 
-        // Node name -> whether a derper of this region there counts as ready.
-        let mut ready_on: BTreeMap<String, bool> = BTreeMap::new();
+        // Node name -> the state of this region's derpers there.
+        let mut on_node: BTreeMap<String, PodsOnNode> = BTreeMap::new();
         let pods = pods_of
             .get(&(key.0.as_str(), key.1.as_str()))
             .map_or(&[][..], Vec::as_slice);
@@ -220,18 +244,7 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
                 continue;
             };
-            let derp_name = crate::select::derp_node_name(spec.region_id, &node);
-            let state = pod_ready(pod, input.now, grace_ms);
-            let ready = match state {
-                PodReadiness::Ready => true,
-                PodReadiness::InGrace(until) if input.previously_published.contains(&derp_name) => {
-                    out.next_rebuild = Some(out.next_rebuild.map_or(until, |t| t.min(until)));
-                    true
-                }
-                _ => false,
-            };
-            let e = ready_on.entry(node).or_insert(false);
-            *e |= ready;
+            on_node.entry(node).or_default().add(pod_state(pod));
         }
 
         // The nodes to report: selected ones plus any that still run one of our pods.
@@ -239,7 +252,8 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
             .into_iter()
             .map(|p| (p.node_name.clone(), p))
             .collect();
-        for node in ready_on.keys() {
+        let selected_names: BTreeSet<String> = plans.keys().cloned().collect();
+        for node in on_node.keys() {
             if !plans.contains_key(node)
                 && let Some(n) = nodes_by_name.get(node.as_str())
             {
@@ -250,19 +264,42 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         let cert = region_cert(region, &secrets);
         let mut map_nodes = Vec::new();
         for (node_name, plan) in &plans {
-            // A deleted Node takes its derper out of the map at once.
-            let ready = nodes_by_name.contains_key(node_name.as_str())
-                && ready_on.get(node_name).copied().unwrap_or(false)
-                && plan.has_address();
+            let verdict = if !nodes_by_name.contains_key(node_name.as_str()) || !plan.has_address()
+            {
+                // A deleted Node takes its derper out of the map at once.
+                Verdict::Out
+            } else {
+                node_verdict(
+                    on_node.get(node_name),
+                    selected_names.contains(node_name)
+                        && input.previously_published.contains(&plan.derp_name),
+                    input.unready_since.get(&plan.derp_name).copied(),
+                    input.now,
+                    cfg.not_ready_grace,
+                )
+            };
+            let in_map = match verdict {
+                Verdict::Ready => true,
+                Verdict::Kept { since, until } => {
+                    out.unready_since.insert(plan.derp_name.clone(), since);
+                    out.next_rebuild = Some(out.next_rebuild.map_or(until, |t| t.min(until)));
+                    facts.warnings.push(format!(
+                        "node {node_name} has had no Ready derper since {since}; it stays in the \
+                         map until {until} (not-ready grace) so clients redial it once it is back"
+                    ));
+                    true
+                }
+                Verdict::Out => false,
+            };
             facts.nodes.push(PublishedNode {
                 name: plan.derp_name.clone(),
                 node_name: node_name.clone(),
                 host_name: plan.host_name.clone(),
                 ipv4: plan.ipv4.map(|i| i.to_string()),
                 ipv6: plan.ipv6.map(|i| i.to_string()),
-                ready,
+                ready: in_map,
             });
-            if ready {
+            if in_map {
                 map_nodes.push(plan);
             }
         }
@@ -372,40 +409,94 @@ fn derp_node(region: &DerpRegion, id: u32, plan: &NodePlan, cert: &CertMark) -> 
     }
 }
 
-enum PodReadiness {
+/// One derper pod's readiness.
+enum PodState {
     Ready,
-    /// NotReady since less than the grace; may stay until the given time.
-    InGrace(Timestamp),
-    NotReady,
+    /// Not Ready since the given time (the Ready condition's transition), when known.
+    NotReady(Option<Timestamp>),
 }
 
-fn pod_ready(pod: &Pod, now: Timestamp, grace_ms: i64) -> PodReadiness {
-    // A terminating derper is draining its clients: out at once.
+fn pod_state(pod: &Pod) -> PodState {
+    // A terminating derper is draining its clients: not Ready, whatever its condition says.
     if pod.metadata.deletion_timestamp.is_some() {
-        return PodReadiness::NotReady;
+        return PodState::NotReady(None);
     }
     let cond = pod
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
-    let Some(cond) = cond else {
-        return PodReadiness::NotReady;
-    };
-    if cond.status == "True" {
-        return PodReadiness::Ready;
+    match cond {
+        Some(c) if c.status == "True" => PodState::Ready,
+        Some(c) => PodState::NotReady(c.last_transition_time.as_ref().map(|t| t.0)),
+        None => PodState::NotReady(None),
     }
-    let Some(since) = cond.last_transition_time.as_ref().map(|t| t.0) else {
-        return PodReadiness::NotReady;
-    };
-    let until_ms = since.as_millisecond().saturating_add(grace_ms);
-    if now.as_millisecond() < until_ms {
-        match Timestamp::from_millisecond(until_ms) {
-            Ok(until) => PodReadiness::InGrace(until),
-            Err(_) => PodReadiness::NotReady,
+}
+
+/// The region's derper pods on one node (a DaemonSet may briefly have an old and a new one).
+#[derive(Default)]
+struct PodsOnNode {
+    ready: bool,
+    /// Earliest known time one of the pods turned not Ready.
+    unready_since: Option<Timestamp>,
+}
+
+impl PodsOnNode {
+    fn add(&mut self, s: PodState) {
+        match s {
+            PodState::Ready => self.ready = true,
+            PodState::NotReady(t) => {
+                self.unready_since = match (self.unready_since, t) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
         }
+    }
+}
+
+/// Whether a node whose Node exists and has an address is in the map.
+enum Verdict {
+    Ready,
+    /// Not Ready since `since`, kept until `until`.
+    Kept {
+        since: Timestamp,
+        until: Timestamp,
+    },
+    Out,
+}
+
+/// `pods`: the region's pods on the node (`None`: none). `may_keep`: the node was published by the
+/// previous build and the region still selects it (a pod that never was Ready must not enter the
+/// map, and a node the region no longer selects will get no derper back). `remembered`: since when
+/// the previous build saw it not Ready.
+fn node_verdict(
+    pods: Option<&PodsOnNode>,
+    may_keep: bool,
+    remembered: Option<Timestamp>,
+    now: Timestamp,
+    grace: Duration,
+) -> Verdict {
+    if pods.is_some_and(|p| p.ready) {
+        return Verdict::Ready;
+    }
+    if !may_keep {
+        return Verdict::Out;
+    }
+    let from_pod = pods.and_then(|p| p.unready_since);
+    let since = match (remembered, from_pod) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(now),
+    };
+    let limit = if pods.is_some() {
+        grace
     } else {
-        PodReadiness::NotReady
+        grace.min(POD_REPLACE_GRACE)
+    };
+    let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+    match Timestamp::from_millisecond(since.as_millisecond().saturating_add(limit_ms)) {
+        Ok(until) if now < until => Verdict::Kept { since, until },
+        _ => Verdict::Out,
     }
 }
 
@@ -539,10 +630,180 @@ mod tests {
                 pods: &shared(pods),
                 secrets: &shared(secrets),
                 previously_published: prev,
+                unready_since: &BTreeMap::new(),
                 now: ts(now),
             },
-            &MapConfig::default(),
+            &MapConfig {
+                not_ready_grace: Duration::from_secs(5),
+                ..Default::default()
+            },
         )
+    }
+
+    /// One build in a sequence: feeds the previous output back as the map task does.
+    fn step(
+        regions: &[DerpRegion],
+        nodes: &[Node],
+        pods: &[Pod],
+        prev: &MapOutput,
+        now: i64,
+        grace: Duration,
+    ) -> MapOutput {
+        fn shared<T: Clone>(v: &[T]) -> Vec<Arc<T>> {
+            v.iter().cloned().map(Arc::new).collect()
+        }
+        build_map(
+            &MapInput {
+                regions: &shared(regions),
+                nodes: &shared(nodes),
+                pods: &shared(pods),
+                secrets: &[],
+                previously_published: &prev.published,
+                unready_since: &prev.unready_since,
+                now: ts(now),
+            },
+            &MapConfig {
+                not_ready_grace: grace,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn node_names(out: &MapOutput, id: u32) -> Vec<String> {
+        out.map
+            .regions
+            .get(&id)
+            .map(|r| r.nodes.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn rolling_restart_and_whole_region_outage_keep_the_map_unchanged() {
+        let r = insecure("home", 900);
+        let nodes = nodes3();
+        let regions = [r];
+        let grace = DEFAULT_NOT_READY_GRACE;
+        let all = |ready: bool, since: i64| -> Vec<Pod> {
+            ["a", "b", "c"]
+                .iter()
+                .map(|n| pod("home", n, ready, since))
+                .collect()
+        };
+        let start = step(
+            &regions,
+            &nodes,
+            &all(true, 0),
+            &MapOutput::default(),
+            NOW_S,
+            grace,
+        );
+        let want = start.map.to_json();
+        assert_eq!(start.published.len(), 3);
+
+        // Rolling restart of node b: terminating, gone, replaced (NotReady), Ready again.
+        let mut terminating = pod("home", "b", true, 0);
+        terminating.metadata.deletion_timestamp = Some(Time(ts(NOW_S + 1)));
+        let with = |b: Option<Pod>| -> Vec<Pod> {
+            let mut v = vec![pod("home", "a", true, 0), pod("home", "c", true, 0)];
+            v.extend(b);
+            v
+        };
+        let mut prev = start.clone();
+        for (t, b) in [
+            (1, Some(terminating)),
+            (3, None),
+            (4, Some(pod("home", "b", false, NOW_S + 4))),
+        ] {
+            prev = step(&regions, &nodes, &with(b), &prev, NOW_S + t, grace);
+            assert_eq!(prev.map.to_json(), want, "t={t}");
+            // The clock started when the pod began terminating and survives its replacement.
+            assert_eq!(prev.unready_since["900-b"], ts(NOW_S + 1), "t={t}");
+        }
+        let back = step(
+            &regions,
+            &nodes,
+            &with(Some(pod("home", "b", true, NOW_S + 6))),
+            &prev,
+            NOW_S + 6,
+            grace,
+        );
+        assert_eq!(back.map.to_json(), want);
+        assert!(back.unready_since.is_empty() && back.next_rebuild.is_none());
+
+        // The whole region NotReady for 5 minutes: still in the map, and says so in status.
+        let down = step(
+            &regions,
+            &nodes,
+            &all(false, NOW_S + 10),
+            &back,
+            NOW_S + 10,
+            grace,
+        );
+        let down = step(
+            &regions,
+            &nodes,
+            &all(false, NOW_S + 10),
+            &down,
+            NOW_S + 310,
+            grace,
+        );
+        assert_eq!(down.map.to_json(), want);
+        assert_eq!(down.next_rebuild, Some(ts(NOW_S + 610)));
+        let f = &down.facts[&("derp".to_string(), "home".to_string())];
+        assert!(
+            f.published && f.warnings.iter().any(|w| w.contains("not-ready grace")),
+            "{f:?}"
+        );
+        // Past the grace the region leaves.
+        let gone = step(
+            &regions,
+            &nodes,
+            &all(false, NOW_S + 10),
+            &down,
+            NOW_S + 610,
+            grace,
+        );
+        assert!(gone.map.regions.is_empty());
+    }
+
+    #[test]
+    fn a_pod_not_replaced_or_a_node_no_longer_selected_leaves() {
+        let r = insecure("home", 900);
+        let nodes = nodes3();
+        let regions = [r];
+        let grace = DEFAULT_NOT_READY_GRACE;
+        let ab = [pod("home", "a", true, 0), pod("home", "b", true, 0)];
+        let start = step(&regions, &nodes, &ab, &MapOutput::default(), NOW_S, grace);
+        assert_eq!(node_names(&start, 900), ["900-a", "900-b"]);
+
+        // b's pod deleted and never replaced: kept for POD_REPLACE_GRACE, then out.
+        let only_a = [pod("home", "a", true, 0)];
+        let t1 = step(&regions, &nodes, &only_a, &start, NOW_S + 1, grace);
+        assert_eq!(node_names(&t1, 900), ["900-a", "900-b"]);
+        assert_eq!(t1.next_rebuild, Some(ts(NOW_S + 61)));
+        let t2 = step(&regions, &nodes, &only_a, &t1, NOW_S + 61, grace);
+        assert_eq!(node_names(&t2, 900), ["900-a"]);
+
+        // Node b loses the label the region selects: out at once, even with a terminating pod.
+        let mut sel = insecure("home", 900);
+        sel.spec.node_selector = [("derp".to_string(), "yes".to_string())].into();
+        let mut labelled = nodes3();
+        for n in &mut labelled {
+            if n.name_any() != "b" {
+                n.metadata.labels = Some([("derp".to_string(), "yes".to_string())].into());
+            }
+        }
+        let mut term_b = pod("home", "b", true, 0);
+        term_b.metadata.deletion_timestamp = Some(Time(ts(NOW_S + 1)));
+        let t = step(
+            &[sel],
+            &labelled,
+            &[pod("home", "a", true, 0), term_b],
+            &start,
+            NOW_S + 1,
+            grace,
+        );
+        assert_eq!(node_names(&t, 900), ["900-a"]);
     }
 
     #[test]
@@ -679,8 +940,9 @@ mod tests {
         );
     }
 
+    /// A deleted Node leaves at once; a terminating pod never published gets no grace.
     #[test]
-    fn deleted_node_and_terminating_pod_leave_at_once() {
+    fn deleted_node_and_unpublished_terminating_pod_leave_at_once() {
         let r = insecure("home", 900);
         let nodes = nodes3();
         let mut terminating = pod("home", "b", true, 0);

@@ -164,7 +164,10 @@ fn operator_metrics(
              derpfleet_map_builds_total {}\n\
              # HELP derpfleet_map_publications_total Map rebuilds whose bytes changed.\n\
              # TYPE derpfleet_map_publications_total counter\n\
-             derpfleet_map_publications_total {}\n",
+             derpfleet_map_publications_total {}\n\
+             # HELP derpfleet_map_withheld_builds_total Builds not served because they had no region while DerpRegions exist.\n\
+             # TYPE derpfleet_map_withheld_builds_total counter\n\
+             derpfleet_map_withheld_builds_total {}\n",
             u8::from(*leader.borrow()),
             l(&ctx.reconciles),
             l(&counters.apply_requests),
@@ -174,6 +177,7 @@ fn operator_metrics(
             l(&counters.deletes),
             l(&stats.builds),
             l(&stats.publications),
+            l(&stats.withheld),
         )
     })
 }
@@ -332,6 +336,14 @@ pub async fn run(
     let (snap_tx, snap_rx) = watch::channel(None);
     let (out_tx, out_rx) = watch::channel(None);
     let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel::<ObjectRef<DerpRegion>>();
+    let (held_tx, held_rx) = watch::channel(None);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "derp-fleet-operator".into(),
+            instance: Some(cfg.lease.identity.clone()),
+        },
+    );
     let map_task = MapTask {
         stores: stores.clone(),
         config: cfg.map.clone(),
@@ -347,19 +359,15 @@ pub async fn run(
         }),
         counters: counters.clone(),
         stats: stats.clone(),
+        held: held_tx,
+        recorder: Some(recorder.clone()),
     };
     let map_handle = tokio::spawn(map_task.run(cancel.clone()));
 
     let ctx = Arc::new(Context {
         client: client.clone(),
         stores: stores.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "derp-fleet-operator".into(),
-                instance: Some(cfg.lease.identity.clone()),
-            },
-        ),
+        recorder,
         counters: counters.clone(),
         map: out_rx,
         leader: leader_rx.clone(),
@@ -369,12 +377,14 @@ pub async fn run(
         reconciles: Default::default(),
     });
 
-    let state = MapServerState::new(snap_rx).with_extra_metrics(operator_metrics(
-        counters,
-        stats,
-        ctx.clone(),
-        leader_rx.clone(),
-    ));
+    let state = MapServerState::new(snap_rx)
+        .with_held(held_rx)
+        .with_extra_metrics(operator_metrics(
+            counters,
+            stats,
+            ctx.clone(),
+            leader_rx.clone(),
+        ));
     let server = {
         let c = cancel.clone();
         tokio::spawn(mapserver::serve(map_listener, state.clone(), async move {
