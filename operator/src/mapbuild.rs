@@ -25,7 +25,9 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::crd::{DerpRegion, PORT_DISABLED, PublishedNode, SelfSignedMode};
+use crate::crd::{
+    DerpRegion, NodeRegion, PORT_DISABLED, PublishMode, PublishedNode, SelfSignedMode,
+};
 use crate::render::{APP_NAME, LABEL_NAME, LABEL_REGION, certificate_name};
 use crate::select::{NodePlan, plan_node, plan_nodes};
 use crate::tls;
@@ -99,6 +101,8 @@ pub struct RegionFacts {
     pub nodes: Vec<PublishedNode>,
     /// Set when another, older DerpRegion holds the id or code.
     pub conflict: Option<String>,
+    /// `RegionPerNode`: the region each node holds (for `status.nodeRegions`).
+    pub node_regions: Vec<NodeRegion>,
     /// Whether the region is in the map.
     pub published: bool,
     /// Why it is not in the map, when it is not.
@@ -182,13 +186,21 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         },
         ..Default::default()
     };
-    let conflicts = find_conflicts(input.regions);
     let nodes_by_name: BTreeMap<&str, &Node> = input
         .nodes
         .iter()
         .filter_map(|n| Some((n.metadata.name.as_deref()?, &**n)))
         .collect();
     let node_index = NodeIndex::new(input.nodes, input.regions);
+    let mut selection: HashMap<RegionKey, Vec<NodePlan>> = input
+        .regions
+        .iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .map(|r| (region_key(r), plan_nodes(&r.spec, node_index.candidates(r))))
+        .collect();
+    let ids = assign_ids(input.regions, &selection, &|n| {
+        nodes_by_name.contains_key(n)
+    });
     // Our pods by (namespace, region), in input order; and the Secrets by (namespace, name).
     let mut pods_of: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
     for pod in input.pods {
@@ -221,18 +233,32 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         }
         let key = region_key(region);
         let spec = &region.spec;
+        let per_node = spec.publish.mode == PublishMode::RegionPerNode;
+        let assigned = ids.per_node.get(&key);
         let mut facts = RegionFacts {
-            conflict: conflicts.get(&key).cloned(),
+            conflict: ids.conflicts.get(&key).cloned(),
+            warnings: ids.warnings.get(&key).cloned().unwrap_or_default(),
+            node_regions: assigned
+                .map(|a| {
+                    a.iter()
+                        .map(|(node, (id, code))| NodeRegion {
+                            node_name: node.clone(),
+                            region_id: *id,
+                            code: code.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             ..Default::default()
         };
-        if spec.region_id == HEADSCALE_EMBEDDED_REGION_ID {
+        if spec.id_range().contains(&HEADSCALE_EMBEDDED_REGION_ID) {
             facts.warnings.push(
                 "region id 999 is the default of Headscale's embedded DERP server, which wins \
                  over this region if it is enabled; prefer another id in 900-998"
                     .into(),
             );
         }
-        let selected = plan_nodes(spec, node_index.candidates(region));
+        let selected = selection.remove(&key).unwrap_or_default();
         facts.desired = u32::try_from(selected.len()).unwrap_or(u32::MAX);
 
         // Node name -> the state of this region's derpers there.
@@ -260,11 +286,23 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 plans.insert(node.clone(), plan_node(spec, n));
             }
         }
+        if per_node {
+            // A node's DERP name carries the id of its own region; a node without one (the
+            // range is full) is reported but not published.
+            for (node, plan) in plans.iter_mut() {
+                if let Some((id, _)) = assigned.and_then(|a| a.get(node)) {
+                    plan.derp_name = crate::select::derp_node_name(*id, node);
+                }
+            }
+        }
 
         let cert = region_cert(region, &secrets);
         let mut map_nodes = Vec::new();
         for (node_name, plan) in &plans {
-            let verdict = if !nodes_by_name.contains_key(node_name.as_str()) || !plan.has_address()
+            let no_region = per_node && assigned.is_none_or(|a| !a.contains_key(node_name));
+            let verdict = if !nodes_by_name.contains_key(node_name.as_str())
+                || !plan.has_address()
+                || no_region
             {
                 // A deleted Node takes its derper out of the map at once.
                 Verdict::Out
@@ -324,7 +362,30 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         } else {
             None
         };
-        if let (None, Some(id), Ok(cert)) = (&facts.not_published_reason, region_id, &cert) {
+        if let (None, true, Ok(cert)) = (&facts.not_published_reason, per_node, &cert) {
+            for plan in &map_nodes {
+                let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
+                    continue;
+                };
+                let Ok(id) = u32::try_from(*id) else { continue };
+                let node = derp_node(region, id, plan, cert);
+                out.published.insert(node.name.clone());
+                let name = spec.name.as_deref().unwrap_or(&spec.code);
+                out.map.regions.insert(
+                    id,
+                    MapRegion {
+                        region_id: id,
+                        region_code: code.clone(),
+                        region_name: format!("{name} ({})", plan.node_name),
+                        avoid: spec.avoid,
+                        no_measure_no_home: spec.no_measure_no_home,
+                        nodes: vec![node],
+                        ..Default::default()
+                    },
+                );
+            }
+            facts.published = true;
+        } else if let (None, Some(id), Ok(cert)) = (&facts.not_published_reason, region_id, &cert) {
             let nodes: Vec<DerpNode> = map_nodes
                 .iter()
                 .map(|p| derp_node(region, id, p, cert))
@@ -500,10 +561,20 @@ fn node_verdict(
     }
 }
 
-/// Regions that lose their id or code to an older region. Regions are taken oldest first
-/// (`creationTimestamp`, then namespace/name for a tie); a region is published only if neither its
-/// id nor its code is held by one taken before it, so a loser never blocks a third region.
-pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, String> {
+/// Region ids and codes as [`assign_ids`] hands them out.
+#[derive(Debug, Default)]
+pub struct IdAssignment {
+    /// `SharedRegion` regions left out because an older region holds their id or code.
+    pub conflicts: BTreeMap<RegionKey, String>,
+    /// `RegionPerNode` regions: node name -> (region id, code).
+    pub per_node: BTreeMap<RegionKey, BTreeMap<String, (i64, String)>>,
+    /// What a person should know (a node that lost its id, a full range).
+    pub warnings: BTreeMap<RegionKey, Vec<String>>,
+}
+
+/// Regions oldest first (`creationTimestamp`, then namespace/name for a tie; no timestamp, as in
+/// `operator render`, sorts last), deleted ones left out.
+fn oldest_first<R: Borrow<DerpRegion>>(regions: &[R]) -> Vec<&DerpRegion> {
     let mut order: Vec<&DerpRegion> = regions
         .iter()
         .map(Borrow::borrow)
@@ -512,36 +583,120 @@ pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKe
     order.sort_by(|a, b| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        // No timestamp (not yet created, e.g. `operator render`) sorts last.
         (ta.is_none(), ta, region_key(a)).cmp(&(tb.is_none(), tb, region_key(b)))
     });
+    order
+}
+
+/// Hands out region ids and codes. Claims are taken oldest region first, so an older region
+/// always wins: a `SharedRegion` region claims its `regionId` and `code` (or is a conflict); a
+/// `RegionPerNode` region keeps the ids its status records for nodes that still exist (an id an
+/// older region now holds is lost, with a warning). Then each selected node of a `RegionPerNode`
+/// region without an id gets the lowest free one of the region's range, nodes in name order.
+/// Recorded ids are never moved to make room, so a node keeps its region for life.
+pub fn assign_ids<R: Borrow<DerpRegion>>(
+    regions: &[R],
+    selection: &HashMap<RegionKey, Vec<NodePlan>>,
+    node_exists: &dyn Fn(&str) -> bool,
+) -> IdAssignment {
+    let order = oldest_first(regions);
+    let mut out = IdAssignment::default();
     let mut ids: BTreeMap<i64, RegionKey> = BTreeMap::new();
-    let mut codes: BTreeMap<&str, RegionKey> = BTreeMap::new();
-    let mut out = BTreeMap::new();
-    for r in order {
+    let mut codes: BTreeMap<String, RegionKey> = BTreeMap::new();
+    let held_by = |what: String, holder: &RegionKey| {
+        format!(
+            "{what} is already held by the older DerpRegion {}/{}",
+            holder.0, holder.1
+        )
+    };
+    for r in &order {
         let key = region_key(r);
-        if let Some(holder) = ids.get(&r.spec.region_id) {
-            out.insert(
-                key,
-                format!(
-                    "regionId {} is already held by the older DerpRegion {}/{}",
-                    r.spec.region_id, holder.0, holder.1
-                ),
-            );
-        } else if let Some(holder) = codes.get(r.spec.code.as_str()) {
-            out.insert(
-                key,
-                format!(
-                    "code {:?} is already held by the older DerpRegion {}/{}",
-                    r.spec.code, holder.0, holder.1
-                ),
-            );
-        } else {
-            ids.insert(r.spec.region_id, key.clone());
-            codes.insert(r.spec.code.as_str(), key);
+        let spec = &r.spec;
+        match spec.publish.mode {
+            PublishMode::SharedRegion => {
+                if let Some(holder) = ids.get(&spec.region_id) {
+                    let why = held_by(format!("regionId {}", spec.region_id), holder);
+                    out.conflicts.insert(key, why);
+                } else if let Some(holder) = codes.get(&spec.code) {
+                    let why = held_by(format!("code {:?}", spec.code), holder);
+                    out.conflicts.insert(key, why);
+                } else {
+                    ids.insert(spec.region_id, key.clone());
+                    codes.insert(spec.code.clone(), key);
+                }
+            }
+            PublishMode::RegionPerNode => {
+                let recorded = r.status.iter().flat_map(|s| s.node_regions.iter());
+                let mut mine = BTreeMap::new();
+                for nr in recorded {
+                    if !node_exists(&nr.node_name) || mine.contains_key(&nr.node_name) {
+                        continue;
+                    }
+                    let lost = if !spec.id_range().contains(&nr.region_id) {
+                        Some(format!(
+                            "regionId {} is outside the range {:?}",
+                            nr.region_id,
+                            spec.id_range()
+                        ))
+                    } else if let Some(holder) = ids.get(&nr.region_id) {
+                        Some(held_by(format!("regionId {}", nr.region_id), holder))
+                    } else {
+                        codes
+                            .get(&nr.code)
+                            .map(|holder| held_by(format!("code {:?}", nr.code), holder))
+                    };
+                    if let Some(why) = lost {
+                        out.warnings.entry(key.clone()).or_default().push(format!(
+                            "node {} loses its region: {why}; it gets a new one",
+                            nr.node_name
+                        ));
+                        continue;
+                    }
+                    ids.insert(nr.region_id, key.clone());
+                    codes.insert(nr.code.clone(), key.clone());
+                    mine.insert(nr.node_name.clone(), (nr.region_id, nr.code.clone()));
+                }
+                out.per_node.insert(key, mine);
+            }
+        }
+    }
+    for r in order
+        .iter()
+        .filter(|r| r.spec.publish.mode == PublishMode::RegionPerNode)
+    {
+        let key = region_key(r);
+        let spec = &r.spec;
+        let plans = selection.get(&key).map_or(&[][..], Vec::as_slice);
+        let mine = out.per_node.entry(key.clone()).or_default();
+        let mut free = spec
+            .id_range()
+            .filter(|id| *id >= 1 && *id <= i64::from(u32::MAX));
+        for plan in plans {
+            if mine.contains_key(&plan.node_name) {
+                continue;
+            }
+            let next = free
+                .by_ref()
+                .find(|id| !ids.contains_key(id) && !codes.contains_key(&spec.code_for(*id)));
+            let Some(id) = next else {
+                out.warnings.entry(key.clone()).or_default().push(format!(
+                    "node {} has no region: every id of {:?} is taken (raise publish.maxRegions)",
+                    plan.node_name,
+                    spec.id_range()
+                ));
+                continue;
+            };
+            ids.insert(id, key.clone());
+            codes.insert(spec.code_for(id), key.clone());
+            mine.insert(plan.node_name.clone(), (id, spec.code_for(id)));
         }
     }
     out
+}
+
+/// `SharedRegion` regions that lose their id or code to an older region (see [`assign_ids`]).
+pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, String> {
+    assign_ids(regions, &HashMap::new(), &|_| true).conflicts
 }
 
 #[cfg(test)]
@@ -964,6 +1119,139 @@ mod tests {
             .map(|n| n.name.as_str())
             .collect();
         assert_eq!(names, ["900-a"]);
+    }
+
+    fn per_node(name: &str, id: i64, max: i64) -> DerpRegion {
+        let mut r = insecure(name, id);
+        r.spec.publish = crate::crd::PublishSpec {
+            mode: PublishMode::RegionPerNode,
+            max_regions: max,
+        };
+        r
+    }
+
+    /// The controller writes `facts.node_regions` into status; the next build reads it back.
+    fn record(r: &mut DerpRegion, out: &MapOutput) {
+        let f = &out.facts[&region_key(r)];
+        r.status = Some(crate::crd::DerpRegionStatus {
+            node_regions: f.node_regions.clone(),
+            ..Default::default()
+        });
+    }
+
+    fn regions_of(out: &MapOutput) -> Vec<(u32, String, Vec<String>)> {
+        out.map
+            .regions
+            .values()
+            .map(|r| {
+                let nodes = r.nodes.iter().map(|n| n.name.clone()).collect();
+                (r.region_id, r.region_code.clone(), nodes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn region_per_node_ids_are_stable_for_a_node_s_life() {
+        let mut r = per_node("home", 900, 8);
+        let mut nodes = nodes3();
+        let pods = |names: &[&str]| -> Vec<Pod> {
+            names.iter().map(|n| pod("home", n, true, 0)).collect()
+        };
+        let out = build(
+            &[r.clone()],
+            &nodes,
+            &pods(&["a", "b", "c"]),
+            &[],
+            &BTreeSet::new(),
+            NOW_S,
+        );
+        let want = vec![
+            (900, "home".to_string(), vec!["900-a".to_string()]),
+            (901, "home-1".to_string(), vec!["901-b".to_string()]),
+            (902, "home-2".to_string(), vec!["902-c".to_string()]),
+        ];
+        assert_eq!(regions_of(&out), want);
+        assert_eq!(out.map.regions[&901].region_name, "home (b)");
+        record(&mut r, &out);
+
+        // Node a is deleted and d joins: b and c keep their regions, d gets the freed id.
+        nodes.retain(|n| n.name_any() != "a");
+        nodes.push(node("d", &[("InternalIP", "10.0.0.4")]));
+        let out2 = build(
+            &[r.clone()],
+            &nodes,
+            &pods(&["b", "c", "d"]),
+            &[],
+            &out.published,
+            NOW_S,
+        );
+        let got = regions_of(&out2);
+        assert_eq!(got[1..], want[1..]);
+        assert_eq!(got[0], (900, "home".to_string(), vec!["900-d".to_string()]));
+
+        // The recorded ids win over name order: with the status of the first build, node b is
+        // still 901 though a is gone and b now sorts first.
+        let out3 = build(
+            &[r.clone()],
+            &nodes,
+            &pods(&["b", "c"]),
+            &[],
+            &out.published,
+            NOW_S,
+        );
+        assert_eq!(regions_of(&out3)[0].0, 901);
+    }
+
+    #[test]
+    fn region_per_node_skips_ids_of_others_and_reports_a_full_range() {
+        let mut shared = insecure("other", 901);
+        shared.metadata.creation_timestamp = Some(Time(ts(1)));
+        let mut pn = per_node("home", 900, 3);
+        pn.metadata.creation_timestamp = Some(Time(ts(2)));
+        let nodes = nodes3();
+        let pods = [
+            pod("home", "a", true, 0),
+            pod("home", "b", true, 0),
+            pod("home", "c", true, 0),
+            pod("other", "a", true, 0),
+        ];
+        let out = build(
+            &[pn.clone(), shared.clone()],
+            &nodes,
+            &pods,
+            &[],
+            &BTreeSet::new(),
+            NOW_S,
+        );
+        let ids: Vec<u32> = out.map.regions.keys().copied().collect();
+        // 900 a, 901 is the older shared region, 902 b; c finds the range 900-902 full.
+        assert_eq!(ids, [900, 901, 902]);
+        assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
+        let f = &out.facts[&region_key(&pn)];
+        assert!(f.published);
+        assert!(
+            f.warnings
+                .iter()
+                .any(|w| w.contains("node c has no region")),
+            "{f:?}"
+        );
+        assert!(f.nodes.iter().any(|n| n.node_name == "c" && !n.ready));
+
+        // A newer shared region asking for an id a node holds is the conflict, not the node.
+        record(&mut pn, &out);
+        let mut late = insecure("late", 902);
+        late.metadata.creation_timestamp = Some(Time(ts(3)));
+        let out = build(
+            &[late.clone(), pn, shared],
+            &nodes,
+            &pods,
+            &[],
+            &out.published,
+            NOW_S,
+        );
+        assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
+        let f = &out.facts[&region_key(&late)];
+        assert!(f.conflict.as_ref().unwrap().contains("derp/home"), "{f:?}");
     }
 
     #[test]
