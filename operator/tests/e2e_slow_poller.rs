@@ -169,5 +169,51 @@ fn map_keeps_regions_through_blinks_and_never_goes_empty() {
     wait_for("a MapRecovered Event", || {
         (events(&rig, "MapRecovered") > 0).then_some(())
     });
+
+    // --- one region per node: three one-node regions, ids recorded in status, no mesh objects
+    rig.apply(
+        &common::RegionYaml {
+            ns: NS,
+            name: "pn",
+            id: 920,
+            code: "pn",
+            selector: "slow",
+            tls: "{selfSigned: {mode: InsecureForTests}}",
+            ports: (8444, 3479, 9732),
+            extra: "  publish: {mode: RegionPerNode, maxRegions: 4}\n",
+        }
+        .yaml(),
+    );
+    let (_, d) = wait_for("regions 920-922 with one node each", || {
+        let (_, v) = map(port)?;
+        let ok = (920..923).all(|id| {
+            v["Regions"][id.to_string()]["Nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 1)
+        });
+        ok.then_some(())
+    });
+    println!("MEASURED RegionPerNode region applied -> 3 one-node regions: {d:?}");
+    let (regions, _) = wait_for("status.nodeRegions with 3 entries", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "pn"])?;
+        let nr = r.pointer("/status/nodeRegions")?.as_array()?.clone();
+        (nr.len() == 3).then_some(nr)
+    });
+    let (_, v) = map(port).unwrap();
+    for nr in &regions {
+        let id = nr["regionId"].as_i64().unwrap();
+        let node = nr["nodeName"].as_str().unwrap();
+        let region = &v["Regions"][id.to_string()];
+        assert_eq!(region["RegionCode"], nr["code"], "{region}");
+        assert_eq!(
+            region["Nodes"][0]["Name"],
+            format!("{id}-{node}"),
+            "{region}"
+        );
+    }
+    assert!(
+        rig.json(&["-n", NS, "get", "secret", "pn-derper-mesh-key"])
+            .is_none()
+    );
     rig.stop_operators();
 }
