@@ -219,7 +219,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
     let spec = &region.spec;
     let mut requeue = RESYNC;
 
-    let mesh_key = if spec.mesh.enabled {
+    let mesh_key = if spec.meshed() {
         existing_secret(ctx, ns, &mesh_key_secret_name(&name)).await?
     } else {
         None
@@ -709,6 +709,7 @@ pub fn desired_status(
         conditions,
         nodes_ready: Some(format!("{}/{}", facts.ready, facts.desired)),
         nodes: facts.nodes.clone(),
+        node_regions: facts.node_regions.clone(),
         message: (!message.is_empty()).then(|| message.join("; ")),
         probe: None,
     }

@@ -47,6 +47,7 @@ pub const CONDITION_HEALTHY: &str = "Healthy";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.publish) || !has(self.publish.mode) || self.publish.mode != 'RegionPerNode' || self.regionId + (has(self.publish.maxRegions) ? self.publish.maxRegions : 8) - 1 <= 4294967295").message("regionId + publish.maxRegions - 1 must not exceed 4294967295 (the RegionPerNode id range)"))]
 pub struct DerpRegionSpec {
     /// DERP region id (`RegionID`). Tailscale reserves 900-999 for self-hosted regions; 999 is
     /// Headscale's embedded DERP server's default and wins a collision there.
@@ -131,9 +132,15 @@ pub struct DerpRegionSpec {
     )]
     pub verify_client_url_fail_open: bool,
 
-    /// Meshing of the region's derpers, so clients on different nodes reach each other.
+    /// Meshing of the region's derpers, so clients on different nodes reach each other. Only in
+    /// `publish.mode: SharedRegion`: a region of one node has no other derper to mesh with.
     #[serde(default)]
     pub mesh: MeshSpec,
+
+    /// How the nodes appear in the DERP map: one region per node (ids from `regionId` on) or one
+    /// region holding every node.
+    #[serde(default)]
+    pub publish: PublishSpec,
 
     /// Bind each derper to the node's IP (`-a $(HOST_IP):port`) instead of all addresses: for
     /// hosts that run other services on the same ports, and for test rigs whose nodes are
@@ -160,6 +167,82 @@ pub struct DerpRegionSpec {
 
 fn is_false(v: &bool) -> bool {
     !*v
+}
+
+impl DerpRegionSpec {
+    /// Whether the derpers mesh: asked for, and more than one derper can share a region.
+    pub fn meshed(&self) -> bool {
+        self.mesh.enabled && self.publish.mode == PublishMode::SharedRegion
+    }
+
+    /// The region ids this DerpRegion may publish: `regionId` alone, or in `RegionPerNode` mode
+    /// `regionId` .. `regionId + maxRegions - 1`.
+    pub fn id_range(&self) -> std::ops::RangeInclusive<i64> {
+        match self.publish.mode {
+            PublishMode::SharedRegion => self.region_id..=self.region_id,
+            PublishMode::RegionPerNode => {
+                self.region_id
+                    ..=self
+                        .region_id
+                        .saturating_add(self.publish.max_regions.max(1) - 1)
+            }
+        }
+    }
+
+    /// `RegionCode` of the region with id `id` (in `RegionPerNode` mode, `<code>-<offset>` past
+    /// the first id, so a one-node region keeps the plain code).
+    pub fn code_for(&self, id: i64) -> String {
+        if id == self.region_id {
+            self.code.clone()
+        } else {
+            format!("{}-{}", self.code, id - self.region_id)
+        }
+    }
+}
+
+/// How a DerpRegion's nodes are published.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishSpec {
+    /// `SharedRegion`: one region (`regionId`) whose nodes are every derper; clients fail over
+    /// between them within the region, but Headscale reorders a region's nodes at every refresh
+    /// and tailscaled redials a region whose definition changed, so every client of a
+    /// multi-node region reconnects at nearly every refresh. `RegionPerNode`: each node is its own
+    /// one-node region, with an id from `regionId` on and a code `<code>-<n>` kept for the
+    /// node's life (in `status.nodeRegions`); nothing for Headscale to reorder, no mesh needed,
+    /// but each region costs every client a netcheck probe and a client whose node dies moves
+    /// to another home region instead of another node.
+    #[serde(default)]
+    pub mode: PublishMode,
+    /// `RegionPerNode`: at most this many regions (nodes), ids `regionId` ..
+    /// `regionId + maxRegions - 1`. Bounds the netcheck probes every client sends.
+    #[serde(default = "default_max_regions")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("publish.maxRegions must be between 1 and 100 (every region costs each client a netcheck probe)"))]
+    pub max_regions: i64,
+}
+
+pub const DEFAULT_MAX_REGIONS: i64 = 8;
+
+fn default_max_regions() -> i64 {
+    DEFAULT_MAX_REGIONS
+}
+
+impl Default for PublishSpec {
+    fn default() -> Self {
+        Self {
+            mode: PublishMode::default(),
+            max_regions: DEFAULT_MAX_REGIONS,
+        }
+    }
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum PublishMode {
+    #[default]
+    SharedRegion,
+    RegionPerNode,
 }
 
 /// Node ports of the derper. `-1` disables STUN or the plain-HTTP port.
@@ -376,6 +459,11 @@ pub struct DerpRegionStatus {
     /// The region's nodes as the map publishes them (or would, once ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<PublishedNode>,
+    /// `RegionPerNode`: the region id and code each node holds, sorted by node. A node keeps its
+    /// entry while its Node exists, so no node's region ever changes because another came or
+    /// went.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_regions: Vec<NodeRegion>,
     /// What a person should know (why the region is not in the map, warnings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -447,6 +535,16 @@ pub struct PublishedNode {
     /// In the map: the derper pod is Ready (or NotReady for less than the grace), and the
     /// prober does not hold it out (`--probe-gates-map`).
     pub ready: bool,
+}
+
+/// The region a node holds in `RegionPerNode` mode.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRegion {
+    /// Kubernetes node name.
+    pub node_name: String,
+    pub region_id: i64,
+    pub code: String,
 }
 
 /// The CRD as YAML, exactly as `crds/derpregions.derpfleet.io.yaml` holds it.
@@ -524,6 +622,8 @@ mod tests {
                 "tls": {"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}},
                 "verifyClientURL": "https://hs.example.com/verify"}),
             serde_json::json!({"regionId": 902, "code": "x", "tls": {"secretName": "wild"}}),
+            serde_json::json!({"regionId": 910, "code": "pn", "tls": {"secretName": "wild"},
+                "publish": {"mode": "RegionPerNode", "maxRegions": 20}}),
         ] {
             assert_eq!(cel_errors(spec.clone()), Vec::<String>::new(), "{spec}");
         }
@@ -578,6 +678,16 @@ mod tests {
                 serde_json::json!({"regionId": 900, "code": "home", "tls": {"selfSigned": {}},
                     "verifyClientURL": "hs.example.com/verify"}),
                 "verifyClientURL must be an http",
+            ),
+            (
+                serde_json::json!({"regionId": 900, "code": "home", "tls": {"selfSigned": {}},
+                    "publish": {"mode": "RegionPerNode", "maxRegions": 0}}),
+                "publish.maxRegions must be between 1 and 100",
+            ),
+            (
+                serde_json::json!({"regionId": 4294967290_i64, "code": "home",
+                    "tls": {"selfSigned": {}}, "publish": {"mode": "RegionPerNode"}}),
+                "must not exceed 4294967295",
             ),
         ];
         for (spec, want) in cases {

@@ -52,9 +52,12 @@ struct RunArgs {
     /// Also serve `/metrics` (and the health endpoints) on this address.
     #[arg(long = "metrics-addr", env = "DERPFLEET_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// How long a node whose derper turned NotReady stays in the map (e.g. 5s, 500ms, 0s), so a
-    /// single failed probe does not make every client of the region redial.
-    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "5s", value_parser = go_duration::parse)]
+    /// How long a published node whose derper is not Ready (NotReady, restarting, or its pod
+    /// being replaced) stays in the map (e.g. 10m, 30s, 0s). Headscale reads the map only every
+    /// update_frequency, so a node dropped for a blink stays missing for clients until its next
+    /// read, while a kept node is redialled the moment its derper is back. A deleted Node, a node
+    /// the region no longer selects, or a pod not replaced within 60 s leaves at once.
+    #[arg(long, env = "DERPFLEET_NOT_READY_GRACE", default_value = "10m", value_parser = go_duration::parse)]
     not_ready_grace: std::time::Duration,
     /// Set `OmitDefaultRegions` in the map (ask clients not to use Tailscale's own regions).
     #[arg(long, env = "DERPFLEET_OMIT_DEFAULT_REGIONS")]

@@ -5,8 +5,15 @@
 //! Stability is the point: a tailscaled drops and redials every client of a region whenever that
 //! region's definition changes in any way, so equal input gives byte-identical JSON (regions keyed
 //! by id in a `BTreeMap`, nodes sorted by Kubernetes node name, names derived from node names, no
-//! timestamps or hash-map order anywhere), and a pod that blinks NotReady for less than the grace
-//! keeps its node in the map.
+//! timestamps or hash-map order anywhere).
+//!
+//! Removal suits a slow poller: Headscale reads the map every `update_frequency` (3 h by default)
+//! and a node or region it drops stays dropped until its next read, hours after the derper is back.
+//! So a published node leaves only when it is really gone: its Node is deleted, the region no
+//! longer selects the node (the DaemonSet will not run there), its pod is gone and not replaced
+//! within [`POD_REPLACE_GRACE`], or its derper stays not Ready (NotReady or terminating) past the
+//! long `not_ready_grace`. A rolling restart or a region that blinks out keeps its map entry, and
+//! clients redial it as soon as the derpers are back, without waiting for Headscale.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -18,7 +25,9 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::crd::{DerpRegion, PORT_DISABLED, PublishedNode, SelfSignedMode};
+use crate::crd::{
+    DerpRegion, NodeRegion, PORT_DISABLED, PublishMode, PublishedNode, SelfSignedMode,
+};
 use crate::render::{APP_NAME, LABEL_NAME, LABEL_REGION, certificate_name};
 use crate::select::{NodePlan, plan_node, plan_nodes};
 use crate::tls;
@@ -29,11 +38,19 @@ pub const HEADSCALE_EMBEDDED_REGION_ID: i64 = 999;
 /// `(namespace, name)` of a DerpRegion.
 pub type RegionKey = (String, String);
 
+/// A published node whose derper pod is gone (deleted, evicted) while the region still selects the
+/// node stays this long for the DaemonSet to replace the pod (it does within seconds); past it,
+/// or past `not_ready_grace` if shorter, the pod counts as not replaced and the node leaves.
+pub const POD_REPLACE_GRACE: Duration = Duration::from_secs(60);
+
 /// How the map is built.
 #[derive(Debug, Clone)]
 pub struct MapConfig {
-    /// A node whose derper pod turns NotReady stays in the map this long, so a probe blip does
-    /// not make every client of the region redial twice.
+    /// A published node whose derper is not Ready (NotReady, terminating, or its pod deleted and
+    /// being replaced) stays in the map this long. Long by default: Headscale only sees the map
+    /// every `update_frequency`, so a node dropped for a blink is missing from every client until
+    /// Headscale's next read, while a node kept through a restart is redialled by clients the
+    /// moment its derper is back.
     pub not_ready_grace: Duration,
     /// Sets `omitDefaultRegions` (a hint to the control server not to add Tailscale's regions).
     pub omit_default_regions: bool,
@@ -42,13 +59,17 @@ pub struct MapConfig {
 impl Default for MapConfig {
     fn default() -> Self {
         Self {
-            // 5 s: about one readiness period; long enough for a single failed probe, short
-            // enough that a dead derper leaves the map within seconds.
-            not_ready_grace: Duration::from_secs(5),
+            // Longer than a DaemonSet rollout, a node reboot or a short outage; a derper gone for
+            // ten minutes is gone (clients of a multi-node region meanwhile dial its other
+            // nodes, clients of a one-node region pick another home).
+            not_ready_grace: DEFAULT_NOT_READY_GRACE,
             omit_default_regions: false,
         }
     }
 }
+
+/// Default of [`MapConfig::not_ready_grace`] (`--not-ready-grace`).
+pub const DEFAULT_NOT_READY_GRACE: Duration = Duration::from_secs(600);
 
 /// Everything the builder reads: the objects as the watch caches hold them (shared, so a rebuild
 /// copies no object).
@@ -62,6 +83,10 @@ pub struct MapInput<'a> {
     /// DERP node names the previous build published: only those may use the NotReady grace (a
     /// pod that never was Ready must not enter the map).
     pub previously_published: &'a BTreeSet<String>,
+    /// Since when each published node has not been Ready, as the previous build found it (feed
+    /// back [`MapOutput::unready_since`]): the clock of a node whose pod was deleted and
+    /// replaced keeps running across the replacement.
+    pub unready_since: &'a BTreeMap<String, Timestamp>,
     pub now: Timestamp,
     /// DERP node names the prober holds to be failing (`--probe-gates-map`; empty when off):
     /// they leave the map, unless that would leave their region with no node at all.
@@ -79,6 +104,8 @@ pub struct RegionFacts {
     pub nodes: Vec<PublishedNode>,
     /// Set when another, older DerpRegion holds the id or code.
     pub conflict: Option<String>,
+    /// `RegionPerNode`: the region each node holds (for `status.nodeRegions`).
+    pub node_regions: Vec<NodeRegion>,
     /// Whether the region is in the map.
     pub published: bool,
     /// Why it is not in the map, when it is not.
@@ -92,6 +119,9 @@ pub struct MapOutput {
     pub facts: BTreeMap<RegionKey, RegionFacts>,
     /// DERP node names in the map (feed back as `previously_published`).
     pub published: BTreeSet<String>,
+    /// Nodes in the map whose derper is not Ready, and since when (feed back as
+    /// `unready_since`).
+    pub unready_since: BTreeMap<String, Timestamp>,
     /// When a grace expires and the map must be rebuilt even if nothing else changes.
     pub next_rebuild: Option<Timestamp>,
     /// Per published region, its nodes as the map would list them without the probe gate: what
@@ -162,13 +192,21 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         },
         ..Default::default()
     };
-    let conflicts = find_conflicts(input.regions);
     let nodes_by_name: BTreeMap<&str, &Node> = input
         .nodes
         .iter()
         .filter_map(|n| Some((n.metadata.name.as_deref()?, &**n)))
         .collect();
     let node_index = NodeIndex::new(input.nodes, input.regions);
+    let mut selection: HashMap<RegionKey, Vec<NodePlan>> = input
+        .regions
+        .iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .map(|r| (region_key(r), plan_nodes(&r.spec, node_index.candidates(r))))
+        .collect();
+    let ids = assign_ids(input.regions, &selection, &|n| {
+        nodes_by_name.contains_key(n)
+    });
     // Our pods by (namespace, region), in input order; and the Secrets by (namespace, name).
     let mut pods_of: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
     for pod in input.pods {
@@ -195,30 +233,42 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
             ))
         })
         .collect();
-    let grace_ms = i64::try_from(cfg.not_ready_grace.as_millis()).unwrap_or(i64::MAX);
-
     for region in input.regions {
         if region.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let key = region_key(region);
         let spec = &region.spec;
+        let per_node = spec.publish.mode == PublishMode::RegionPerNode;
+        let assigned = ids.per_node.get(&key);
         let mut facts = RegionFacts {
-            conflict: conflicts.get(&key).cloned(),
+            conflict: ids.conflicts.get(&key).cloned(),
+            warnings: ids.warnings.get(&key).cloned().unwrap_or_default(),
+            node_regions: assigned
+                .map(|a| {
+                    a.iter()
+                        .map(|(node, (id, code))| NodeRegion {
+                            node_name: node.clone(),
+                            region_id: *id,
+                            code: code.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             ..Default::default()
         };
-        if spec.region_id == HEADSCALE_EMBEDDED_REGION_ID {
+        if spec.id_range().contains(&HEADSCALE_EMBEDDED_REGION_ID) {
             facts.warnings.push(
                 "region id 999 is the default of Headscale's embedded DERP server, which wins \
                  over this region if it is enabled; prefer another id in 900-998"
                     .into(),
             );
         }
-        let selected = plan_nodes(spec, node_index.candidates(region));
+        let selected = selection.remove(&key).unwrap_or_default();
         facts.desired = u32::try_from(selected.len()).unwrap_or(u32::MAX);
 
-        // Node name -> whether a derper of this region there counts as ready.
-        let mut ready_on: BTreeMap<String, bool> = BTreeMap::new();
+        // Node name -> the state of this region's derpers there.
+        let mut on_node: BTreeMap<String, PodsOnNode> = BTreeMap::new();
         let pods = pods_of
             .get(&(key.0.as_str(), key.1.as_str()))
             .map_or(&[][..], Vec::as_slice);
@@ -226,18 +276,7 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
                 continue;
             };
-            let derp_name = crate::select::derp_node_name(spec.region_id, &node);
-            let state = pod_ready(pod, input.now, grace_ms);
-            let ready = match state {
-                PodReadiness::Ready => true,
-                PodReadiness::InGrace(until) if input.previously_published.contains(&derp_name) => {
-                    out.next_rebuild = Some(out.next_rebuild.map_or(until, |t| t.min(until)));
-                    true
-                }
-                _ => false,
-            };
-            let e = ready_on.entry(node).or_insert(false);
-            *e |= ready;
+            on_node.entry(node).or_default().add(pod_state(pod));
         }
 
         // The nodes to report: selected ones plus any that still run one of our pods.
@@ -245,30 +284,66 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
             .into_iter()
             .map(|p| (p.node_name.clone(), p))
             .collect();
-        for node in ready_on.keys() {
+        let selected_names: BTreeSet<String> = plans.keys().cloned().collect();
+        for node in on_node.keys() {
             if !plans.contains_key(node)
                 && let Some(n) = nodes_by_name.get(node.as_str())
             {
                 plans.insert(node.clone(), plan_node(spec, n));
             }
         }
+        if per_node {
+            // A node's DERP name carries the id of its own region; a node without one (the
+            // range is full) is reported but not published.
+            for (node, plan) in plans.iter_mut() {
+                if let Some((id, _)) = assigned.and_then(|a| a.get(node)) {
+                    plan.derp_name = crate::select::derp_node_name(*id, node);
+                }
+            }
+        }
 
         let cert = region_cert(region, &secrets);
         let mut map_nodes = Vec::new();
         for (node_name, plan) in &plans {
-            // A deleted Node takes its derper out of the map at once.
-            let ready = nodes_by_name.contains_key(node_name.as_str())
-                && ready_on.get(node_name).copied().unwrap_or(false)
-                && plan.has_address();
+            let no_region = per_node && assigned.is_none_or(|a| !a.contains_key(node_name));
+            let verdict = if !nodes_by_name.contains_key(node_name.as_str())
+                || !plan.has_address()
+                || no_region
+            {
+                // A deleted Node takes its derper out of the map at once.
+                Verdict::Out
+            } else {
+                node_verdict(
+                    on_node.get(node_name),
+                    selected_names.contains(node_name)
+                        && input.previously_published.contains(&plan.derp_name),
+                    input.unready_since.get(&plan.derp_name).copied(),
+                    input.now,
+                    cfg.not_ready_grace,
+                )
+            };
+            let in_map = match verdict {
+                Verdict::Ready => true,
+                Verdict::Kept { since, until } => {
+                    out.unready_since.insert(plan.derp_name.clone(), since);
+                    out.next_rebuild = Some(out.next_rebuild.map_or(until, |t| t.min(until)));
+                    facts.warnings.push(format!(
+                        "node {node_name} has had no Ready derper since {since}; it stays in the \
+                         map until {until} (not-ready grace) so clients redial it once it is back"
+                    ));
+                    true
+                }
+                Verdict::Out => false,
+            };
             facts.nodes.push(PublishedNode {
                 name: plan.derp_name.clone(),
                 node_name: node_name.clone(),
                 host_name: plan.host_name.clone(),
                 ipv4: plan.ipv4.map(|i| i.to_string()),
                 ipv6: plan.ipv6.map(|i| i.to_string()),
-                ready,
+                ready: in_map,
             });
-            if ready {
+            if in_map {
                 map_nodes.push(plan);
             }
         }
@@ -305,7 +380,30 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         } else {
             None
         };
-        if let (None, Some(id), Ok(cert)) = (&facts.not_published_reason, region_id, &cert) {
+        if let (None, true, Ok(cert)) = (&facts.not_published_reason, per_node, &cert) {
+            for plan in &map_nodes {
+                let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
+                    continue;
+                };
+                let Ok(id) = u32::try_from(*id) else { continue };
+                let node = derp_node(region, id, plan, cert);
+                out.published.insert(node.name.clone());
+                let name = spec.name.as_deref().unwrap_or(&spec.code);
+                out.map.regions.insert(
+                    id,
+                    MapRegion {
+                        region_id: id,
+                        region_code: code.clone(),
+                        region_name: format!("{name} ({})", plan.node_name),
+                        avoid: spec.avoid,
+                        no_measure_no_home: spec.no_measure_no_home,
+                        nodes: vec![node],
+                        ..Default::default()
+                    },
+                );
+            }
+            facts.published = true;
+        } else if let (None, Some(id), Ok(cert)) = (&facts.not_published_reason, region_id, &cert) {
             let nodes: Vec<DerpNode> = map_nodes
                 .iter()
                 .map(|p| derp_node(region, id, p, cert))
@@ -397,47 +495,111 @@ fn derp_node(region: &DerpRegion, id: u32, plan: &NodePlan, cert: &CertMark) -> 
     }
 }
 
-enum PodReadiness {
+/// One derper pod's readiness.
+enum PodState {
     Ready,
-    /// NotReady since less than the grace; may stay until the given time.
-    InGrace(Timestamp),
-    NotReady,
+    /// Not Ready since the given time (the Ready condition's transition), when known.
+    NotReady(Option<Timestamp>),
 }
 
-fn pod_ready(pod: &Pod, now: Timestamp, grace_ms: i64) -> PodReadiness {
-    // A terminating derper is draining its clients: out at once.
+fn pod_state(pod: &Pod) -> PodState {
+    // A terminating derper is draining its clients: not Ready, whatever its condition says.
     if pod.metadata.deletion_timestamp.is_some() {
-        return PodReadiness::NotReady;
+        return PodState::NotReady(None);
     }
     let cond = pod
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
-    let Some(cond) = cond else {
-        return PodReadiness::NotReady;
-    };
-    if cond.status == "True" {
-        return PodReadiness::Ready;
-    }
-    let Some(since) = cond.last_transition_time.as_ref().map(|t| t.0) else {
-        return PodReadiness::NotReady;
-    };
-    let until_ms = since.as_millisecond().saturating_add(grace_ms);
-    if now.as_millisecond() < until_ms {
-        match Timestamp::from_millisecond(until_ms) {
-            Ok(until) => PodReadiness::InGrace(until),
-            Err(_) => PodReadiness::NotReady,
-        }
-    } else {
-        PodReadiness::NotReady
+    match cond {
+        Some(c) if c.status == "True" => PodState::Ready,
+        Some(c) => PodState::NotReady(c.last_transition_time.as_ref().map(|t| t.0)),
+        None => PodState::NotReady(None),
     }
 }
 
-/// Regions that lose their id or code to an older region. Regions are taken oldest first
-/// (`creationTimestamp`, then namespace/name for a tie); a region is published only if neither its
-/// id nor its code is held by one taken before it, so a loser never blocks a third region.
-pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, String> {
+/// The region's derper pods on one node (a DaemonSet may briefly have an old and a new one).
+#[derive(Default)]
+struct PodsOnNode {
+    ready: bool,
+    /// Earliest known time one of the pods turned not Ready.
+    unready_since: Option<Timestamp>,
+}
+
+impl PodsOnNode {
+    fn add(&mut self, s: PodState) {
+        match s {
+            PodState::Ready => self.ready = true,
+            PodState::NotReady(t) => {
+                self.unready_since = match (self.unready_since, t) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+}
+
+/// Whether a node whose Node exists and has an address is in the map.
+enum Verdict {
+    Ready,
+    /// Not Ready since `since`, kept until `until`.
+    Kept {
+        since: Timestamp,
+        until: Timestamp,
+    },
+    Out,
+}
+
+/// `pods`: the region's pods on the node (`None`: none). `may_keep`: the node was published by the
+/// previous build and the region still selects it (a pod that never was Ready must not enter the
+/// map, and a node the region no longer selects will get no derper back). `remembered`: since when
+/// the previous build saw it not Ready.
+fn node_verdict(
+    pods: Option<&PodsOnNode>,
+    may_keep: bool,
+    remembered: Option<Timestamp>,
+    now: Timestamp,
+    grace: Duration,
+) -> Verdict {
+    if pods.is_some_and(|p| p.ready) {
+        return Verdict::Ready;
+    }
+    if !may_keep {
+        return Verdict::Out;
+    }
+    let from_pod = pods.and_then(|p| p.unready_since);
+    let since = match (remembered, from_pod) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(now),
+    };
+    let limit = if pods.is_some() {
+        grace
+    } else {
+        grace.min(POD_REPLACE_GRACE)
+    };
+    let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+    match Timestamp::from_millisecond(since.as_millisecond().saturating_add(limit_ms)) {
+        Ok(until) if now < until => Verdict::Kept { since, until },
+        _ => Verdict::Out,
+    }
+}
+
+/// Region ids and codes as [`assign_ids`] hands them out.
+#[derive(Debug, Default)]
+pub struct IdAssignment {
+    /// `SharedRegion` regions left out because an older region holds their id or code.
+    pub conflicts: BTreeMap<RegionKey, String>,
+    /// `RegionPerNode` regions: node name -> (region id, code).
+    pub per_node: BTreeMap<RegionKey, BTreeMap<String, (i64, String)>>,
+    /// What a person should know (a node that lost its id, a full range).
+    pub warnings: BTreeMap<RegionKey, Vec<String>>,
+}
+
+/// Regions oldest first (`creationTimestamp`, then namespace/name for a tie; no timestamp, as in
+/// `operator render`, sorts last), deleted ones left out.
+fn oldest_first<R: Borrow<DerpRegion>>(regions: &[R]) -> Vec<&DerpRegion> {
     let mut order: Vec<&DerpRegion> = regions
         .iter()
         .map(Borrow::borrow)
@@ -446,36 +608,120 @@ pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKe
     order.sort_by(|a, b| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        // No timestamp (not yet created, e.g. `operator render`) sorts last.
         (ta.is_none(), ta, region_key(a)).cmp(&(tb.is_none(), tb, region_key(b)))
     });
+    order
+}
+
+/// Hands out region ids and codes. Claims are taken oldest region first, so an older region
+/// always wins: a `SharedRegion` region claims its `regionId` and `code` (or is a conflict); a
+/// `RegionPerNode` region keeps the ids its status records for nodes that still exist (an id an
+/// older region now holds is lost, with a warning). Then each selected node of a `RegionPerNode`
+/// region without an id gets the lowest free one of the region's range, nodes in name order.
+/// Recorded ids are never moved to make room, so a node keeps its region for life.
+pub fn assign_ids<R: Borrow<DerpRegion>>(
+    regions: &[R],
+    selection: &HashMap<RegionKey, Vec<NodePlan>>,
+    node_exists: &dyn Fn(&str) -> bool,
+) -> IdAssignment {
+    let order = oldest_first(regions);
+    let mut out = IdAssignment::default();
     let mut ids: BTreeMap<i64, RegionKey> = BTreeMap::new();
-    let mut codes: BTreeMap<&str, RegionKey> = BTreeMap::new();
-    let mut out = BTreeMap::new();
-    for r in order {
+    let mut codes: BTreeMap<String, RegionKey> = BTreeMap::new();
+    let held_by = |what: String, holder: &RegionKey| {
+        format!(
+            "{what} is already held by the older DerpRegion {}/{}",
+            holder.0, holder.1
+        )
+    };
+    for r in &order {
         let key = region_key(r);
-        if let Some(holder) = ids.get(&r.spec.region_id) {
-            out.insert(
-                key,
-                format!(
-                    "regionId {} is already held by the older DerpRegion {}/{}",
-                    r.spec.region_id, holder.0, holder.1
-                ),
-            );
-        } else if let Some(holder) = codes.get(r.spec.code.as_str()) {
-            out.insert(
-                key,
-                format!(
-                    "code {:?} is already held by the older DerpRegion {}/{}",
-                    r.spec.code, holder.0, holder.1
-                ),
-            );
-        } else {
-            ids.insert(r.spec.region_id, key.clone());
-            codes.insert(r.spec.code.as_str(), key);
+        let spec = &r.spec;
+        match spec.publish.mode {
+            PublishMode::SharedRegion => {
+                if let Some(holder) = ids.get(&spec.region_id) {
+                    let why = held_by(format!("regionId {}", spec.region_id), holder);
+                    out.conflicts.insert(key, why);
+                } else if let Some(holder) = codes.get(&spec.code) {
+                    let why = held_by(format!("code {:?}", spec.code), holder);
+                    out.conflicts.insert(key, why);
+                } else {
+                    ids.insert(spec.region_id, key.clone());
+                    codes.insert(spec.code.clone(), key);
+                }
+            }
+            PublishMode::RegionPerNode => {
+                let recorded = r.status.iter().flat_map(|s| s.node_regions.iter());
+                let mut mine = BTreeMap::new();
+                for nr in recorded {
+                    if !node_exists(&nr.node_name) || mine.contains_key(&nr.node_name) {
+                        continue;
+                    }
+                    let lost = if !spec.id_range().contains(&nr.region_id) {
+                        Some(format!(
+                            "regionId {} is outside the range {:?}",
+                            nr.region_id,
+                            spec.id_range()
+                        ))
+                    } else if let Some(holder) = ids.get(&nr.region_id) {
+                        Some(held_by(format!("regionId {}", nr.region_id), holder))
+                    } else {
+                        codes
+                            .get(&nr.code)
+                            .map(|holder| held_by(format!("code {:?}", nr.code), holder))
+                    };
+                    if let Some(why) = lost {
+                        out.warnings.entry(key.clone()).or_default().push(format!(
+                            "node {} loses its region: {why}; it gets a new one",
+                            nr.node_name
+                        ));
+                        continue;
+                    }
+                    ids.insert(nr.region_id, key.clone());
+                    codes.insert(nr.code.clone(), key.clone());
+                    mine.insert(nr.node_name.clone(), (nr.region_id, nr.code.clone()));
+                }
+                out.per_node.insert(key, mine);
+            }
+        }
+    }
+    for r in order
+        .iter()
+        .filter(|r| r.spec.publish.mode == PublishMode::RegionPerNode)
+    {
+        let key = region_key(r);
+        let spec = &r.spec;
+        let plans = selection.get(&key).map_or(&[][..], Vec::as_slice);
+        let mine = out.per_node.entry(key.clone()).or_default();
+        let mut free = spec
+            .id_range()
+            .filter(|id| *id >= 1 && *id <= i64::from(u32::MAX));
+        for plan in plans {
+            if mine.contains_key(&plan.node_name) {
+                continue;
+            }
+            let next = free
+                .by_ref()
+                .find(|id| !ids.contains_key(id) && !codes.contains_key(&spec.code_for(*id)));
+            let Some(id) = next else {
+                out.warnings.entry(key.clone()).or_default().push(format!(
+                    "node {} has no region: every id of {:?} is taken (raise publish.maxRegions)",
+                    plan.node_name,
+                    spec.id_range()
+                ));
+                continue;
+            };
+            ids.insert(id, key.clone());
+            codes.insert(spec.code_for(id), key.clone());
+            mine.insert(plan.node_name.clone(), (id, spec.code_for(id)));
         }
     }
     out
+}
+
+/// `SharedRegion` regions that lose their id or code to an older region (see [`assign_ids`]).
+pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, String> {
+    assign_ids(regions, &HashMap::new(), &|_| true).conflicts
 }
 
 #[cfg(test)]
@@ -564,11 +810,182 @@ mod tests {
                 pods: &shared(pods),
                 secrets: &shared(secrets),
                 previously_published: prev,
+                unready_since: &BTreeMap::new(),
                 now: ts(now),
                 probe_failing: &BTreeSet::new(),
             },
-            &MapConfig::default(),
+            &MapConfig {
+                not_ready_grace: Duration::from_secs(5),
+                ..Default::default()
+            },
         )
+    }
+
+    /// One build in a sequence: feeds the previous output back as the map task does.
+    fn step(
+        regions: &[DerpRegion],
+        nodes: &[Node],
+        pods: &[Pod],
+        prev: &MapOutput,
+        now: i64,
+        grace: Duration,
+    ) -> MapOutput {
+        fn shared<T: Clone>(v: &[T]) -> Vec<Arc<T>> {
+            v.iter().cloned().map(Arc::new).collect()
+        }
+        build_map(
+            &MapInput {
+                regions: &shared(regions),
+                nodes: &shared(nodes),
+                pods: &shared(pods),
+                secrets: &[],
+                previously_published: &prev.published,
+                unready_since: &prev.unready_since,
+                now: ts(now),
+                probe_failing: &BTreeSet::new(),
+            },
+            &MapConfig {
+                not_ready_grace: grace,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn node_names(out: &MapOutput, id: u32) -> Vec<String> {
+        out.map
+            .regions
+            .get(&id)
+            .map(|r| r.nodes.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn rolling_restart_and_whole_region_outage_keep_the_map_unchanged() {
+        let r = insecure("home", 900);
+        let nodes = nodes3();
+        let regions = [r];
+        let grace = DEFAULT_NOT_READY_GRACE;
+        let all = |ready: bool, since: i64| -> Vec<Pod> {
+            ["a", "b", "c"]
+                .iter()
+                .map(|n| pod("home", n, ready, since))
+                .collect()
+        };
+        let start = step(
+            &regions,
+            &nodes,
+            &all(true, 0),
+            &MapOutput::default(),
+            NOW_S,
+            grace,
+        );
+        let want = start.map.to_json().unwrap();
+        assert_eq!(start.published.len(), 3);
+
+        // Rolling restart of node b: terminating, gone, replaced (NotReady), Ready again.
+        let mut terminating = pod("home", "b", true, 0);
+        terminating.metadata.deletion_timestamp = Some(Time(ts(NOW_S + 1)));
+        let with = |b: Option<Pod>| -> Vec<Pod> {
+            let mut v = vec![pod("home", "a", true, 0), pod("home", "c", true, 0)];
+            v.extend(b);
+            v
+        };
+        let mut prev = start.clone();
+        for (t, b) in [
+            (1, Some(terminating)),
+            (3, None),
+            (4, Some(pod("home", "b", false, NOW_S + 4))),
+        ] {
+            prev = step(&regions, &nodes, &with(b), &prev, NOW_S + t, grace);
+            assert_eq!(prev.map.to_json().unwrap(), want, "t={t}");
+            // The clock started when the pod began terminating and survives its replacement.
+            assert_eq!(prev.unready_since["900-b"], ts(NOW_S + 1), "t={t}");
+        }
+        let back = step(
+            &regions,
+            &nodes,
+            &with(Some(pod("home", "b", true, NOW_S + 6))),
+            &prev,
+            NOW_S + 6,
+            grace,
+        );
+        assert_eq!(back.map.to_json().unwrap(), want);
+        assert!(back.unready_since.is_empty() && back.next_rebuild.is_none());
+
+        // The whole region NotReady for 5 minutes: still in the map, and says so in status.
+        let down = step(
+            &regions,
+            &nodes,
+            &all(false, NOW_S + 10),
+            &back,
+            NOW_S + 10,
+            grace,
+        );
+        let down = step(
+            &regions,
+            &nodes,
+            &all(false, NOW_S + 10),
+            &down,
+            NOW_S + 310,
+            grace,
+        );
+        assert_eq!(down.map.to_json().unwrap(), want);
+        assert_eq!(down.next_rebuild, Some(ts(NOW_S + 610)));
+        let f = &down.facts[&("derp".to_string(), "home".to_string())];
+        assert!(
+            f.published && f.warnings.iter().any(|w| w.contains("not-ready grace")),
+            "{f:?}"
+        );
+        // Past the grace the region leaves.
+        let gone = step(
+            &regions,
+            &nodes,
+            &all(false, NOW_S + 10),
+            &down,
+            NOW_S + 610,
+            grace,
+        );
+        assert!(gone.map.regions.is_empty());
+    }
+
+    #[test]
+    fn a_pod_not_replaced_or_a_node_no_longer_selected_leaves() {
+        let r = insecure("home", 900);
+        let nodes = nodes3();
+        let regions = [r];
+        let grace = DEFAULT_NOT_READY_GRACE;
+        let ab = [pod("home", "a", true, 0), pod("home", "b", true, 0)];
+        let start = step(&regions, &nodes, &ab, &MapOutput::default(), NOW_S, grace);
+        assert_eq!(node_names(&start, 900), ["900-a", "900-b"]);
+
+        // b's pod deleted and never replaced: kept for POD_REPLACE_GRACE, then out.
+        let only_a = [pod("home", "a", true, 0)];
+        let t1 = step(&regions, &nodes, &only_a, &start, NOW_S + 1, grace);
+        assert_eq!(node_names(&t1, 900), ["900-a", "900-b"]);
+        assert_eq!(t1.next_rebuild, Some(ts(NOW_S + 61)));
+        let t2 = step(&regions, &nodes, &only_a, &t1, NOW_S + 61, grace);
+        assert_eq!(node_names(&t2, 900), ["900-a"]);
+
+        // Node b loses the label the region selects: out at once, even with a terminating pod.
+        let mut sel = insecure("home", 900);
+        sel.spec.node_selector = [("derp".to_string(), "yes".to_string())].into();
+        let mut labelled = nodes3();
+        for n in &mut labelled {
+            if n.name_any() != "b" {
+                n.metadata.labels = Some([("derp".to_string(), "yes".to_string())].into());
+            }
+        }
+        let mut term_b = pod("home", "b", true, 0);
+        term_b.metadata.deletion_timestamp = Some(Time(ts(NOW_S + 1)));
+        let t = step(
+            &[sel],
+            &labelled,
+            &[pod("home", "a", true, 0), term_b],
+            &start,
+            NOW_S + 1,
+            grace,
+        );
+        assert_eq!(node_names(&t, 900), ["900-a"]);
     }
 
     #[test]
@@ -666,6 +1083,7 @@ mod tests {
                     pods: &pods.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
                     secrets: &[],
                     previously_published: &BTreeSet::new(),
+                    unready_since: &BTreeMap::new(),
                     now: ts(NOW_S),
                     probe_failing: &failing,
                 },
@@ -765,8 +1183,9 @@ mod tests {
         );
     }
 
+    /// A deleted Node leaves at once; a terminating pod never published gets no grace.
     #[test]
-    fn deleted_node_and_terminating_pod_leave_at_once() {
+    fn deleted_node_and_unpublished_terminating_pod_leave_at_once() {
         let r = insecure("home", 900);
         let nodes = nodes3();
         let mut terminating = pod("home", "b", true, 0);
@@ -788,6 +1207,139 @@ mod tests {
             .map(|n| n.name.as_str())
             .collect();
         assert_eq!(names, ["900-a"]);
+    }
+
+    fn per_node(name: &str, id: i64, max: i64) -> DerpRegion {
+        let mut r = insecure(name, id);
+        r.spec.publish = crate::crd::PublishSpec {
+            mode: PublishMode::RegionPerNode,
+            max_regions: max,
+        };
+        r
+    }
+
+    /// The controller writes `facts.node_regions` into status; the next build reads it back.
+    fn record(r: &mut DerpRegion, out: &MapOutput) {
+        let f = &out.facts[&region_key(r)];
+        r.status = Some(crate::crd::DerpRegionStatus {
+            node_regions: f.node_regions.clone(),
+            ..Default::default()
+        });
+    }
+
+    fn regions_of(out: &MapOutput) -> Vec<(u32, String, Vec<String>)> {
+        out.map
+            .regions
+            .values()
+            .map(|r| {
+                let nodes = r.nodes.iter().map(|n| n.name.clone()).collect();
+                (r.region_id, r.region_code.clone(), nodes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn region_per_node_ids_are_stable_for_a_node_s_life() {
+        let mut r = per_node("home", 900, 8);
+        let mut nodes = nodes3();
+        let pods = |names: &[&str]| -> Vec<Pod> {
+            names.iter().map(|n| pod("home", n, true, 0)).collect()
+        };
+        let out = build(
+            &[r.clone()],
+            &nodes,
+            &pods(&["a", "b", "c"]),
+            &[],
+            &BTreeSet::new(),
+            NOW_S,
+        );
+        let want = vec![
+            (900, "home".to_string(), vec!["900-a".to_string()]),
+            (901, "home-1".to_string(), vec!["901-b".to_string()]),
+            (902, "home-2".to_string(), vec!["902-c".to_string()]),
+        ];
+        assert_eq!(regions_of(&out), want);
+        assert_eq!(out.map.regions[&901].region_name, "home (b)");
+        record(&mut r, &out);
+
+        // Node a is deleted and d joins: b and c keep their regions, d gets the freed id.
+        nodes.retain(|n| n.name_any() != "a");
+        nodes.push(node("d", &[("InternalIP", "10.0.0.4")]));
+        let out2 = build(
+            &[r.clone()],
+            &nodes,
+            &pods(&["b", "c", "d"]),
+            &[],
+            &out.published,
+            NOW_S,
+        );
+        let got = regions_of(&out2);
+        assert_eq!(got[1..], want[1..]);
+        assert_eq!(got[0], (900, "home".to_string(), vec!["900-d".to_string()]));
+
+        // The recorded ids win over name order: with the status of the first build, node b is
+        // still 901 though a is gone and b now sorts first.
+        let out3 = build(
+            &[r.clone()],
+            &nodes,
+            &pods(&["b", "c"]),
+            &[],
+            &out.published,
+            NOW_S,
+        );
+        assert_eq!(regions_of(&out3)[0].0, 901);
+    }
+
+    #[test]
+    fn region_per_node_skips_ids_of_others_and_reports_a_full_range() {
+        let mut shared = insecure("other", 901);
+        shared.metadata.creation_timestamp = Some(Time(ts(1)));
+        let mut pn = per_node("home", 900, 3);
+        pn.metadata.creation_timestamp = Some(Time(ts(2)));
+        let nodes = nodes3();
+        let pods = [
+            pod("home", "a", true, 0),
+            pod("home", "b", true, 0),
+            pod("home", "c", true, 0),
+            pod("other", "a", true, 0),
+        ];
+        let out = build(
+            &[pn.clone(), shared.clone()],
+            &nodes,
+            &pods,
+            &[],
+            &BTreeSet::new(),
+            NOW_S,
+        );
+        let ids: Vec<u32> = out.map.regions.keys().copied().collect();
+        // 900 a, 901 is the older shared region, 902 b; c finds the range 900-902 full.
+        assert_eq!(ids, [900, 901, 902]);
+        assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
+        let f = &out.facts[&region_key(&pn)];
+        assert!(f.published);
+        assert!(
+            f.warnings
+                .iter()
+                .any(|w| w.contains("node c has no region")),
+            "{f:?}"
+        );
+        assert!(f.nodes.iter().any(|n| n.node_name == "c" && !n.ready));
+
+        // A newer shared region asking for an id a node holds is the conflict, not the node.
+        record(&mut pn, &out);
+        let mut late = insecure("late", 902);
+        late.metadata.creation_timestamp = Some(Time(ts(3)));
+        let out = build(
+            &[late.clone(), pn, shared],
+            &nodes,
+            &pods,
+            &[],
+            &out.published,
+            NOW_S,
+        );
+        assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
+        let f = &out.facts[&region_key(&late)];
+        assert!(f.conflict.as_ref().unwrap().contains("derp/home"), "{f:?}");
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub fn accepts_gzip(accept_encoding: &str) -> bool {
 #[derive(Clone)]
 pub struct MapServerState {
     snapshot: watch::Receiver<Option<Arc<MapSnapshot>>>,
+    /// Why the served map is the last good one rather than the latest build.
+    held: Option<watch::Receiver<Option<String>>>,
     counters: Arc<Counters>,
     extra_metrics: Option<ExtraMetrics>,
 }
@@ -144,9 +146,20 @@ impl MapServerState {
     pub fn new(snapshot: watch::Receiver<Option<Arc<MapSnapshot>>>) -> Self {
         Self {
             snapshot,
+            held: None,
             counters: Arc::default(),
             extra_metrics: None,
         }
+    }
+
+    /// Reports in `/readyz` and `derpfleet_map_held` why the map task holds the last good map.
+    pub fn with_held(mut self, held: watch::Receiver<Option<String>>) -> Self {
+        self.held = Some(held);
+        self
+    }
+
+    fn held(&self) -> Option<String> {
+        self.held.as_ref().and_then(|h| h.borrow().clone())
     }
 
     /// Appends `f()` to every `/metrics` answer.
@@ -239,10 +252,19 @@ async fn derpmap(State(state): State<MapServerState>, headers: HeaderMap) -> Res
     }
 }
 
+/// Ready while a map is served, held or not: a held map is the last good one, and taking the
+/// replica out of the Service would make Headscale's fetch fail instead (fatal when it starts).
+/// The body says when the map is held; no answer here is JSON.
 async fn readyz(State(state): State<MapServerState>) -> Response {
-    match current(&state) {
-        Some(_) => (StatusCode::OK, "ok\n").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "map not built yet\n").into_response(),
+    match (current(&state), state.held()) {
+        (Some(_), None) => (StatusCode::OK, "ok\n").into_response(),
+        (Some(_), Some(why)) => (StatusCode::OK, format!("ok, held: {why}\n")).into_response(),
+        (None, None) => (StatusCode::SERVICE_UNAVAILABLE, "map not built yet\n").into_response(),
+        (None, Some(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no map to serve: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -263,13 +285,17 @@ async fn metrics(State(state): State<MapServerState>) -> Response {
          derpfleet_map_regions {}\n\
          # HELP derpfleet_map_nodes Nodes in the served map.\n\
          # TYPE derpfleet_map_nodes gauge\n\
-         derpfleet_map_nodes {}\n",
+         derpfleet_map_nodes {}\n\
+         # HELP derpfleet_map_held Whether the served map is the last good one because the latest build has no region while DerpRegions exist.\n\
+         # TYPE derpfleet_map_held gauge\n\
+         derpfleet_map_held {}\n",
         c.full.load(Ordering::Relaxed),
         c.not_modified.load(Ordering::Relaxed),
         c.unavailable.load(Ordering::Relaxed),
         c.gzip.load(Ordering::Relaxed),
         snap.as_ref().map_or(0, |s| s.regions),
         snap.as_ref().map_or(0, |s| s.nodes),
+        u8::from(state.held().is_some()),
     );
     if let Some(f) = &state.extra_metrics {
         body.push_str(&f());
@@ -472,6 +498,72 @@ mod tests {
 
         let (_, m) = get(addr, "/metrics", "").await;
         assert!(m.contains("derpfleet_map_gzip_responses_total 2"), "{m}");
+
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    /// Headscale decodes any body as a map whatever the status: no answer but a served map may
+    /// be JSON, and a held map keeps being served while `/readyz` and `/metrics` say so.
+    #[tokio::test]
+    async fn error_answers_are_never_json_and_a_held_map_is_served_and_reported() {
+        let (tx, rx) = watch::channel(None);
+        let (held_tx, held_rx) = watch::channel(None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let state = MapServerState::new(rx).with_held(held_rx);
+        let server = tokio::spawn(serve(listener, state, async {
+            let _ = stop_rx.await;
+        }));
+        let body_of = |resp: &str| resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        let not_json = |b: &str| serde_json::from_str::<serde_json::Value>(b).is_err();
+
+        // Nothing to serve yet, held or not; unknown paths; other methods.
+        held_tx.send_replace(Some("no region".into()));
+        for (path, want) in [
+            ("/derpmap.json", "503"),
+            ("/readyz", "503"),
+            ("/nope", "404"),
+        ] {
+            let (status, resp) = get(addr, path, "").await;
+            assert!(status.contains(want), "{path}: {status}");
+            assert!(not_json(&body_of(&resp)), "{path}: {resp}");
+        }
+        let (_, readyz) = get(addr, "/readyz", "").await;
+        assert!(readyz.contains("no map to serve: no region"), "{readyz}");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /derpmap.json HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+        assert!(not_json(&body_of(&resp)), "{resp}");
+
+        // A held map: served, ready, and said so.
+        tx.send_replace(Some(Arc::new(MapSnapshot::new(&map()).unwrap())));
+        let (status, resp) = get(addr, "/derpmap.json", "").await;
+        assert!(status.contains("200") && resp.ends_with(&map().to_json().unwrap()));
+        let (status, readyz) = get(addr, "/readyz", "").await;
+        assert!(
+            status.contains("200") && readyz.contains("ok, held: no region"),
+            "{readyz}"
+        );
+        assert!(
+            get(addr, "/metrics", "")
+                .await
+                .1
+                .contains("derpfleet_map_held 1")
+        );
+        held_tx.send_replace(None);
+        assert!(get(addr, "/readyz", "").await.1.ends_with("\r\n\r\nok\n"));
+        assert!(
+            get(addr, "/metrics", "")
+                .await
+                .1
+                .contains("derpfleet_map_held 0")
+        );
 
         stop_tx.send(()).unwrap();
         server.await.unwrap().unwrap();

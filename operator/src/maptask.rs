@@ -11,7 +11,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::Api;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,9 @@ use crate::crd::DerpRegion;
 use crate::mapbuild::{MapConfig, MapInput, MapOutput, RegionFacts, RegionKey, build_map};
 use crate::mapserver::MapSnapshot;
 use crate::render::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, MANAGER_NAME};
+
+/// A held map is announced with an Event on at most this many DerpRegions.
+const MAX_HOLD_EVENTS: usize = 20;
 
 /// Keys of the `derp-map` ConfigMap.
 pub const CONFIGMAP_JSON_KEY: &str = "derpmap.json";
@@ -78,6 +83,11 @@ pub struct MapTask {
     /// `--probe-gates-map`: nodes the prober's verdict (in the regions' status, so every replica
     /// serves the same map) holds failing leave the map.
     pub probe_gates_map: bool,
+    /// Why the served map is not the latest build (`None`: it is): a build with no region while
+    /// DerpRegions exist is never served, the last good map is, and `/readyz` says so.
+    pub held: watch::Sender<Option<String>>,
+    /// Publishes the Events of a held map (leader only); none in tests without an API server.
+    pub recorder: Option<Recorder>,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +96,31 @@ pub struct MapStats {
     pub publications: std::sync::atomic::AtomicU64,
     /// Unix milliseconds of the latest publication (0: none yet).
     pub last_publication_ms: std::sync::atomic::AtomicU64,
+    /// Builds not served because they had no region while DerpRegions exist.
+    pub withheld: std::sync::atomic::AtomicU64,
+}
+
+/// Why `out` must not be served: it has no region although `live_regions` DerpRegions exist.
+/// Headscale reads any body as a map and would drop every region of ours until its next refresh
+/// (or refuse to start), so an empty map is only served when there is really nothing to publish.
+pub fn withhold_reason(out: &MapOutput, live_regions: usize) -> Option<String> {
+    if !out.map.regions.is_empty() || live_regions == 0 {
+        return None;
+    }
+    let why: Vec<String> = out
+        .facts
+        .iter()
+        .filter_map(|((ns, name), f)| {
+            f.not_published_reason
+                .as_ref()
+                .map(|r| format!("{ns}/{name}: {r}"))
+        })
+        .take(5)
+        .collect();
+    Some(format!(
+        "the latest build has no region although {live_regions} DerpRegion(s) exist ({})",
+        why.join("; ")
+    ))
 }
 
 /// The `derp-map` ConfigMap for `map`.
@@ -120,7 +155,11 @@ pub fn render_map_configmap(
 }
 
 impl MapTask {
-    fn build(&self, previously_published: &BTreeSet<String>) -> MapOutput {
+    fn build(
+        &self,
+        previously_published: &BTreeSet<String>,
+        unready_since: &BTreeMap<String, Timestamp>,
+    ) -> MapOutput {
         let regions = self.stores.regions.state();
         let probe_failing = if self.probe_gates_map {
             crate::probe::failing_nodes(&regions)
@@ -135,6 +174,7 @@ impl MapTask {
                 pods: &self.stores.pods.state(),
                 secrets: &self.stores.secrets.state(),
                 previously_published,
+                unready_since,
                 now: Timestamp::now(),
                 probe_failing: &probe_failing,
             },
@@ -161,6 +201,7 @@ impl MapTask {
 
         let mut leader = self.leader.clone();
         let mut published = BTreeSet::new();
+        let mut unready_since = BTreeMap::new();
         let mut last_facts: BTreeMap<RegionKey, RegionFacts> = BTreeMap::new();
         // What the ConfigMap holds as far as we know: None = unknown (read it once as leader).
         let mut cm_known: Option<Option<serde_json::Value>> = None;
@@ -171,56 +212,70 @@ impl MapTask {
         // Whether the last map was too large for a ConfigMap (warned once per episode).
         let mut cm_too_large = false;
         loop {
-            let out = self.build(&published);
+            let out = self.build(&published, &unready_since);
             self.stats
                 .builds
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             published = out.published.clone();
-            // Most rebuilds change only facts (status), not the map: comparing the maps is much
-            // cheaper than serialising and hashing a megabyte of JSON to find that out.
-            let same_map = self
-                .output
-                .borrow()
-                .as_ref()
-                .is_some_and(|prev| prev.map == out.map);
+            unready_since = out.unready_since.clone();
+            let live_regions = s
+                .regions
+                .state()
+                .iter()
+                .filter(|r| r.metadata.deletion_timestamp.is_none())
+                .count();
+            let withhold = withhold_reason(&out, live_regions);
             let current = self.snapshot.borrow().clone();
-            let snap = match current {
-                Some(cur) if same_map => Ok(cur),
-                _ => MapSnapshot::new(&out.map).map(Arc::new),
-            };
-            // serde_json cannot fail on these plain types; should it ever, the last map stays
-            // served rather than an empty or partial body.
-            let snap = match snap {
-                Ok(s) => s,
-                Err(e) => {
-                    error!("the DERP map does not serialise, keeping the last one served: {e}");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = self.changed.notified() => continue,
-                    }
-                }
-            };
-            let sent = self.snapshot.send_if_modified(|cur| {
-                if cur.as_ref().is_some_and(|c| c.json == snap.json) {
-                    return false;
-                }
-                *cur = Some(snap.clone());
-                true
-            });
-            if sent {
+            let snap = if withhold.is_some() {
                 self.stats
-                    .publications
+                    .withheld
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.stats.last_publication_ms.store(
-                    u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                info!(
-                    regions = snap.regions,
-                    nodes = snap.nodes,
-                    etag = %snap.etag,
-                    "map published"
-                );
+                current
+            } else {
+                // Most rebuilds change only facts (status), not the map: comparing the maps is
+                // much cheaper than serialising and hashing a megabyte of JSON to find that out.
+                let same_map = self
+                    .output
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|prev| prev.map == out.map);
+                match (current, same_map) {
+                    (Some(cur), true) => Some(cur),
+                    (current, _) => match MapSnapshot::new(&out.map) {
+                        Ok(s) => Some(Arc::new(s)),
+                        // serde_json cannot fail on these plain types; should it ever, the last
+                        // map stays served rather than an empty or partial body.
+                        Err(e) => {
+                            error!("the DERP map does not serialise, keeping the last one: {e}");
+                            current
+                        }
+                    },
+                }
+            };
+            self.hold(withhold, snap.as_deref(), *leader.borrow());
+            if let Some(snap) = &snap {
+                let sent = self.snapshot.send_if_modified(|cur| {
+                    if cur.as_ref().is_some_and(|c| c.json == snap.json) {
+                        return false;
+                    }
+                    *cur = Some(snap.clone());
+                    true
+                });
+                if sent {
+                    self.stats
+                        .publications
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.last_publication_ms.store(
+                        u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    info!(
+                        regions = snap.regions,
+                        nodes = snap.nodes,
+                        etag = %snap.etag,
+                        "map published"
+                    );
+                }
             }
             for (key, f) in &out.facts {
                 if last_facts.get(key) != Some(f) {
@@ -238,6 +293,7 @@ impl MapTask {
                 cm_known = None;
                 cm_written = None;
             } else if let Some(cm) = &self.configmap
+                && let Some(snap) = snap.as_ref().filter(|_| self.held.borrow().is_none())
                 && cm_retry_at.is_none_or(|t| t <= tokio::time::Instant::now())
                 // Rendering and comparing the ConfigMap costs two serialisations of the whole
                 // map; most rebuilds (status-only changes) leave the map as it was written.
@@ -277,7 +333,10 @@ impl MapTask {
             // Wake for the ConfigMap only while it lags the map.
             let cm_pending = is_leader
                 && self.configmap.is_some()
-                && cm_written.as_deref() != Some(snap.etag.as_str());
+                && self.held.borrow().is_none()
+                && snap
+                    .as_ref()
+                    .is_some_and(|snap| cm_written.as_deref() != Some(snap.etag.as_str()));
 
             let grace_end = next_rebuild.map(|t| {
                 let ms = t.as_millisecond() - Timestamp::now().as_millisecond();
@@ -300,6 +359,73 @@ impl MapTask {
                 }
             }
         }
+    }
+
+    /// Records whether the served map is held (and why), logs and, on the leader, publishes an
+    /// Event on every DerpRegion when a hold starts or ends.
+    fn hold(&self, reason: Option<String>, served: Option<&MapSnapshot>, is_leader: bool) {
+        let reason = reason.map(|r| match served {
+            Some(s) => format!(
+                "{r}; serving the last good map ({} regions, {} nodes, ETag {})",
+                s.regions, s.nodes, s.etag
+            ),
+            None => format!("{r}; no good map yet, /derpmap.json answers 503"),
+        });
+        let was = self.held.borrow().clone();
+        if was.is_some() == reason.is_some() {
+            // Only the text may differ; keep it current for /readyz without logging again.
+            self.held.send_if_modified(|h| {
+                let changed = *h != reason;
+                *h = reason.clone();
+                changed
+            });
+            return;
+        }
+        let (type_, event_reason, note) = match &reason {
+            Some(r) => {
+                warn!("{r}");
+                (EventType::Warning, "ServingLastGoodMap", r.clone())
+            }
+            None => {
+                info!("the map has regions again; serving the latest build");
+                (
+                    EventType::Normal,
+                    "MapRecovered",
+                    "the map has regions again; serving the latest build".to_string(),
+                )
+            }
+        };
+        self.held.send_replace(reason);
+        let Some(recorder) = self.recorder.clone().filter(|_| is_leader) else {
+            return;
+        };
+        let refs: Vec<_> = self
+            .stores
+            .regions
+            .state()
+            .iter()
+            .filter(|r| r.metadata.deletion_timestamp.is_none())
+            .take(MAX_HOLD_EVENTS)
+            .map(|r| r.object_ref(&()))
+            .collect();
+        let note: String = note.chars().take(1000).collect();
+        let counters = self.counters.clone();
+        // Events are advice: sent off the map loop, failures only logged.
+        tokio::spawn(async move {
+            for reference in refs {
+                let ev = Event {
+                    type_,
+                    reason: event_reason.into(),
+                    note: Some(note.clone()),
+                    action: "PublishMap".into(),
+                    secondary: None,
+                };
+                match recorder.publish(&ev, &reference).await {
+                    Ok(()) => apply::count_event(&counters),
+                    Err(e) => warn!(reason = event_reason, "publishing event: {e}"),
+                }
+            }
+        });
     }
 
     async fn write_configmap(
@@ -392,5 +518,34 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapbuild::RegionFacts;
+
+    #[test]
+    fn an_empty_build_is_withheld_only_while_derp_regions_exist() {
+        let mut out = MapOutput::default();
+        // No DerpRegion at all: the empty map is the truth.
+        assert_eq!(withhold_reason(&out, 0), None);
+        out.facts.insert(
+            ("derp".into(), "home".into()),
+            RegionFacts {
+                not_published_reason: Some(
+                    "none of the 3 selected nodes has a Ready derper".into(),
+                ),
+                ..Default::default()
+            },
+        );
+        let why = withhold_reason(&out, 1).unwrap();
+        assert!(
+            why.contains("1 DerpRegion(s)") && why.contains("derp/home: none of the 3"),
+            "{why}"
+        );
+        out.map.regions.insert(900, Default::default());
+        assert_eq!(withhold_reason(&out, 1), None);
     }
 }

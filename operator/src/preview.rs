@@ -134,6 +134,7 @@ pub fn preview(
             pods: &pods,
             secrets: &secrets,
             previously_published: &BTreeSet::new(),
+            unready_since: &Default::default(),
             now,
             probe_failing: &BTreeSet::new(),
         },

@@ -54,7 +54,7 @@ fn wanted(region: &DerpRegion, kind: Kind) -> Vec<String> {
     let mut out = Vec::new();
     match kind {
         Kind::Secret => {
-            if spec.mesh.enabled {
+            if spec.meshed() {
                 out.push(mesh_key_secret_name(&name));
             }
             // Self-signed: ours; issuerRef: cert-manager's (same name).
@@ -66,7 +66,7 @@ fn wanted(region: &DerpRegion, kind: Kind) -> Vec<String> {
             }
         }
         Kind::ConfigMap => {
-            if spec.mesh.enabled {
+            if spec.meshed() {
                 out.push(mesh_peers_configmap_name(&name));
             }
         }
@@ -241,6 +241,17 @@ mod tests {
         let s = stale(&r, Kind::ConfigMap, &cms);
         assert_eq!(names(&s), ["home-derper-mesh-peers"]);
         assert_eq!(s[0].uid.as_deref(), Some("uid-of-home-derper-mesh-peers"));
+        // One region per node: no mesh, whatever mesh.enabled says.
+        r.spec.mesh.enabled = true;
+        r.spec.publish.mode = crate::crd::PublishMode::RegionPerNode;
+        assert_eq!(
+            names(&stale(&r, Kind::Secret, &secrets)),
+            ["home-derper-mesh-key"]
+        );
+        assert_eq!(
+            names(&stale(&r, Kind::ConfigMap, &cms)),
+            ["home-derper-mesh-peers"]
+        );
     }
 
     #[test]

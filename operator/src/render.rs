@@ -189,7 +189,7 @@ pub fn render(
     rng: &mut dyn RngCore,
 ) -> Result<Rendered, RenderError> {
     let plans = plan_nodes(&region.spec, ctx.nodes);
-    let mesh = region.spec.mesh.enabled;
+    let mesh = region.spec.meshed();
     let tls_mode = &region.spec.tls;
 
     let mesh_key_secret = if mesh {
@@ -436,7 +436,7 @@ pub fn derper_args(region: &DerpRegion) -> Vec<String> {
             spec.verify_client_url_fail_open
         ));
     }
-    if spec.mesh.enabled {
+    if spec.meshed() {
         args.push(format!("-mesh-psk-file={MESH_KEY_DIR}/{MESH_KEY_FILE}"));
         args.push(format!(
             "--mesh-with-file={MESH_PEERS_DIR}/{MESH_PEERS_FILE}"
@@ -563,7 +563,7 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
             ..Default::default()
         },
     ];
-    if spec.mesh.enabled {
+    if spec.meshed() {
         mounts.push(VolumeMount {
             name: "mesh-key".into(),
             mount_path: MESH_KEY_DIR.into(),
@@ -720,6 +720,18 @@ mod tests {
         let fixed = render_mesh_key(&r, Some(&bad), &mut rng).unwrap();
         assert_ne!(fixed.data.as_ref().unwrap()[MESH_KEY_FILE], key);
         assert_eq!(fixed.data.as_ref().unwrap()[MESH_KEY_FILE].0.len(), 64);
+    }
+
+    #[test]
+    fn region_per_node_renders_no_mesh_objects_or_flags() {
+        let mut r = region("home", 900);
+        r.spec.publish.mode = crate::crd::PublishMode::RegionPerNode;
+        let nodes = vec![node("a", &[("InternalIP", "10.0.0.1")])];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let out = render(&r, &ctx(&nodes), &mut rng).unwrap();
+        assert!(out.mesh_key_secret.is_none() && out.mesh_peers.is_none());
+        let ds = serde_json::to_string(&out.daemonset).unwrap();
+        assert!(!ds.contains("mesh"), "{ds}");
     }
 
     #[test]

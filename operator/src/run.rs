@@ -219,7 +219,10 @@ fn counters_text(
              derpfleet_map_builds_total {}\n\
              # HELP derpfleet_map_publications_total Map rebuilds whose bytes changed.\n\
              # TYPE derpfleet_map_publications_total counter\n\
-             derpfleet_map_publications_total {}\n",
+             derpfleet_map_publications_total {}\n\
+             # HELP derpfleet_map_withheld_builds_total Builds not served because they had no region while DerpRegions exist.\n\
+             # TYPE derpfleet_map_withheld_builds_total counter\n\
+             derpfleet_map_withheld_builds_total {}\n",
             u8::from(*leader.borrow()),
             l(&ctx.reconciles),
             l(&counters.apply_requests),
@@ -229,6 +232,7 @@ fn counters_text(
             l(&counters.deletes),
             l(&stats.builds),
             l(&stats.publications),
+            l(&stats.withheld),
         )
     }
 }
@@ -401,6 +405,14 @@ pub async fn run(
         trigger: trigger_tx.clone(),
         metrics: probe_metrics.clone().unwrap_or_default(),
     });
+    let (held_tx, held_rx) = watch::channel(None);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "derp-fleet-operator".into(),
+            instance: Some(cfg.lease.identity.clone()),
+        },
+    );
     let map_task = MapTask {
         stores: stores.clone(),
         config: cfg.map.clone(),
@@ -417,6 +429,8 @@ pub async fn run(
         counters: counters.clone(),
         stats: stats.clone(),
         probe_gates_map: cfg.probe_gates_map,
+        held: held_tx,
+        recorder: Some(recorder.clone()),
     };
     let map_handle = tokio::spawn(map_task.run(cancel.clone()));
     let probe_handle = prober.map(|p| tokio::spawn(p.run(cancel.clone())));
@@ -424,13 +438,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         stores: stores.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "derp-fleet-operator".into(),
-                instance: Some(cfg.lease.identity.clone()),
-            },
-        ),
+        recorder,
         counters: counters.clone(),
         map: out_rx,
         probe: probe_rx,
@@ -442,13 +450,15 @@ pub async fn run(
         reconciles: Default::default(),
     });
 
-    let state = MapServerState::new(snap_rx).with_extra_metrics(operator_metrics(
-        counters,
-        stats,
-        ctx.clone(),
-        leader_rx.clone(),
-        probe_metrics,
-    ));
+    let state = MapServerState::new(snap_rx)
+        .with_held(held_rx)
+        .with_extra_metrics(operator_metrics(
+            counters,
+            stats,
+            ctx.clone(),
+            leader_rx.clone(),
+            probe_metrics,
+        ));
     let server = {
         let c = cancel.clone();
         tokio::spawn(mapserver::serve(map_listener, state.clone(), async move {
