@@ -48,6 +48,25 @@ type proxy struct {
 	rr            atomic.Uint64
 	mu            sync.Mutex
 	last          string
+	// Endpoint networks dialled besides 127.0.0.0/8: the pod network of a real-kubelet rig, which
+	// exists only inside the test's network namespace (--allow-net).
+	allow []*net.IPNet
+}
+
+// allowed: a loopback endpoint, or one in an --allow-net network.
+func (p *proxy) allowed(ip net.IP) bool {
+	if ip == nil {
+		return false
+	}
+	if ip.IsLoopback() {
+		return true
+	}
+	for _, n := range p.allow {
+		if n.Contains(ip) {
+			return true
+		}
+	}
+	return false
 }
 
 func main() {
@@ -57,6 +76,13 @@ func main() {
 	flag.StringVar(&p.svc, "service", "", "name of the Service")
 	flag.StringVar(&p.port, "port", "", "Service port (name or number); the first one when empty")
 	flag.StringVar(&listen, "listen", "", "loopback address:port standing for the Service")
+	flag.Func("allow-net", "also dial endpoints in this CIDR (repeatable; e.g. a real-kubelet rig's pod network in the test's namespace)", func(v string) error {
+		_, n, err := net.ParseCIDR(v)
+		if err == nil {
+			p.allow = append(p.allow, n)
+		}
+		return err
+	})
 	flag.Parse()
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
 	log.SetPrefix("svcproxy: ")
@@ -228,8 +254,8 @@ func (p *proxy) forward(in net.Conn) {
 	for i := range eps {
 		ep := eps[(start+i)%len(eps)]
 		host, _, _ := net.SplitHostPort(ep)
-		if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
-			log.Printf("refusing non-loopback endpoint %s", ep)
+		if !p.allowed(net.ParseIP(host)) {
+			log.Printf("refusing endpoint %s: not loopback and not in --allow-net", ep)
 			continue
 		}
 		out, err = net.DialTimeout("tcp", ep, 2*time.Second)
