@@ -795,12 +795,21 @@ pub fn probe_transitions(
     let was = |name: &str| {
         old.and_then(|o| o.probe.as_ref())
             .and_then(|p| p.nodes.iter().find(|n| n.name == name))
-            .map(|n| n.healthy)
+            .map(|n| (n.healthy, n.failing_check.clone()))
     };
     let mut out = Vec::new();
     for n in &probe.nodes {
         let before = was(&n.name);
-        if before == Some(n.healthy) || (before.is_none() && n.healthy) {
+        let event = if n.healthy {
+            // Recovered: only a node that was held unhealthy.
+            matches!(before, Some((false, _)))
+        } else {
+            // Failing: a new failure, or another check failing while held. A node back from a
+            // restart, still held but passing (no failing check), is neither.
+            n.failing_check.is_some()
+                && !matches!(&before, Some((false, c)) if *c == n.failing_check)
+        };
+        if !event {
             continue;
         }
         let (type_, reason, note) = if n.healthy {
@@ -1088,6 +1097,94 @@ mod tests {
             .unwrap()
             .insert("tls.crt".into(), ByteString(ck.cert_pem.into_bytes()));
         assert!(provided_secret_state(&r, &nodes, "user-tls", &s, now).ready);
+    }
+
+    #[test]
+    fn probe_verdicts_become_a_condition_and_one_event_per_node_transition() {
+        use crate::crd::{NodeProbeStatus, RegionProbeStatus};
+        let r = crate::testutil::region("home", 900);
+        let node = |healthy: bool, check: Option<&str>| RegionProbeStatus {
+            nodes: vec![NodeProbeStatus {
+                name: "900-a".into(),
+                healthy,
+                failing_check: check.map(str::to_string),
+                message: check.map(|_| "timed out".into()),
+                ..Default::default()
+            }],
+        };
+        let f = facts(1, 1);
+        let base = |old: Option<&DerpRegionStatus>, t| desired_status(&r, &f, &cert(), old, ts(t));
+        let healthy = with_probe(
+            base(None, 100),
+            Some(node(true, None)),
+            false,
+            None,
+            ts(100),
+        );
+        assert_eq!(
+            condition_of(&healthy, CONDITION_HEALTHY),
+            ("True".into(), "ProbesPassing".into())
+        );
+        assert!(probe_transitions(None, &healthy, &f).is_empty());
+        // Failing: the condition says which check and that the map keeps it (gating off).
+        let failing = with_probe(
+            base(Some(&healthy), 200),
+            Some(node(false, Some("stun"))),
+            false,
+            Some(&healthy),
+            ts(200),
+        );
+        let c = failing
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_HEALTHY)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ProbeFailing")
+        );
+        assert!(
+            c.message.contains("900-a: stun failing") && c.message.contains("still in the map")
+        );
+        let ev = probe_transitions(Some(&healthy), &failing, &f);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].reason, "ProbeFailingSTUN");
+        // The related object is the Kubernetes Node: the recorder folds by it, not by the note.
+        assert_eq!(
+            ev[0].secondary.as_ref().and_then(|o| o.name.as_deref()),
+            Some("a")
+        );
+        // The same verdict again: no Event; the condition keeps its transition time.
+        let again = with_probe(
+            base(Some(&failing), 300),
+            Some(node(false, Some("stun"))),
+            false,
+            Some(&failing),
+            ts(300),
+        );
+        assert_eq!(again, failing);
+        assert!(probe_transitions(Some(&failing), &again, &f).is_empty());
+        let back = with_probe(
+            base(Some(&again), 400),
+            Some(node(true, None)),
+            true,
+            Some(&again),
+            ts(400),
+        );
+        let ev = probe_transitions(Some(&again), &back, &f);
+        assert_eq!(
+            ev.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["ProbeRecovered"]
+        );
+        // Probing off: neither status.probe nor the condition.
+        let off = with_probe(base(Some(&back), 500), None, false, Some(&back), ts(500));
+        assert!(off.probe.is_none());
+        assert!(off.conditions.iter().all(|c| c.type_ != CONDITION_HEALTHY));
+    }
+
+    fn condition_of(s: &DerpRegionStatus, t: &str) -> (String, String) {
+        let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+        (c.status.clone(), c.reason.clone())
     }
 
     #[test]

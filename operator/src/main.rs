@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run the operator: reconcile DerpRegions (when leader) and serve the DERP map (always).
     /// Cluster access as kubectl's: in-cluster service account, else KUBECONFIG or ~/.kube/config.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the DerpRegion CustomResourceDefinition (YAML).
     Crd,
     /// Print, without a cluster, the objects a DerpRegion becomes and its DERP map entry
@@ -135,7 +135,7 @@ enum Format {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args)?,
+        Command::Run(args) => run(*args)?,
         Command::Crd => emit(&derp_operator::crd::crd_yaml()?)?,
         Command::Render {
             file,

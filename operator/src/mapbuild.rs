@@ -1070,7 +1070,7 @@ mod tests {
     fn probe_failing_nodes_leave_the_map_but_never_empty_a_region() {
         let r = insecure("home", 900);
         let nodes = nodes3();
-        let pods = vec![
+        let pods = [
             pod("home", "a", true, NOW_S - 100),
             pod("home", "b", true, NOW_S - 100),
         ];

@@ -514,6 +514,7 @@ impl Prober {
             }
             absent.retain(|_, (since, _)| since.elapsed() < ABSENT_MEMORY);
             for (key, round) in &rounds {
+                let first_sight = !states.contains_key(key);
                 let state = states.entry(key.clone()).or_insert_with(|| {
                     changed.insert(key.0.clone());
                     absent.remove(key).map_or_else(
@@ -533,7 +534,7 @@ impl Prober {
                     }
                 }
                 let numbers = written.entry(key.clone()).or_default();
-                if flipped || check_before != state.failing_check || refresh {
+                if first_sight || flipped || check_before != state.failing_check || refresh {
                     numbers.last_success = state.last_success;
                     numbers.latency_ms = state.latency_ms;
                     numbers.message = state.message.clone();

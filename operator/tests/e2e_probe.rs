@@ -299,7 +299,8 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
     let key_file: PathBuf = rig
         .state
         .join("process-kubelet/pods")
-        .join(format!("{NS}_{pod2}_{uid2}"))
+        // The process kubelet names a pod's directory with the first 8 characters of its UID.
+        .join(format!("{NS}_{pod2}_{}", &uid2[..8]))
         .join("volumes/mesh-key/mesh.key");
     let good_key = std::fs::read_to_string(&key_file).unwrap();
     let wrong = "0".repeat(63) + "1";
@@ -309,9 +310,11 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
         std::fs::remove_file(&key_file).unwrap();
         std::fs::write(&key_file, &wrong).unwrap();
     });
+    let started = t0.elapsed();
     let (seen, gated) = wait_failing(&rig, port, &names[2], "mesh", t0);
     println!(
-        "MEASURED wrong mesh key (derper restarted with it) -> mesh failing {seen:?}, out of the map {gated:?}"
+        "MEASURED wrong mesh key: derper killed -> restarted with it {started:?}, -> mesh failing \
+         {seen:?}, out of the map {gated:?}"
     );
     // Only node 2 is blamed: the pair of the two good nodes still delivers.
     for n in &names[..2] {
@@ -355,9 +358,11 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
             .0,
         );
     });
+    let started = t0.elapsed();
     let (seen, gated) = wait_failing(&rig, port, &names[1], "stun", t0);
     println!(
-        "MEASURED STUN port taken, derper restarted -> stun failing {seen:?}, out of the map {gated:?}"
+        "MEASURED STUN port taken: derper killed -> restarted without STUN {started:?}, -> stun \
+         failing {seen:?}, out of the map {gated:?}"
     );
     let log = std::fs::read_to_string(rig.pod_log(NS, &pod1, "derper")).unwrap();
     assert!(log.contains("STUN is disabled"), "the derper did run STUN");
@@ -372,6 +377,14 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
 
     let r = rig.json(&["-n", NS, "get", "derpregion", REGION]).unwrap();
     assert_eq!(condition(&r, "Healthy").unwrap().0, "True");
+    // Every failure Event names its check (a node back from a restart, still held, is no new
+    // failure).
+    for n in ["probe-0", "probe-1", "probe-2"] {
+        assert!(
+            event(&rig, "ProbeFailing", n).is_none(),
+            "an Event without a check for {n}"
+        );
+    }
     assert_eq!(map_nodes(port, ID).unwrap().len(), 3);
     let events = rig.kubectl(&["-n", NS, "get", "events.events.k8s.io", "-o", "wide"]);
     println!("events:\n{events}");

@@ -672,10 +672,10 @@ pub fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
                     out.insert(name.to_string());
                 }
             }
-        } else if !line.starts_with('#') {
-            if let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty()) {
-                out.insert(name.to_string());
-            }
+        } else if !line.starts_with('#')
+            && let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty())
+        {
+            out.insert(name.to_string());
         }
     }
     out
