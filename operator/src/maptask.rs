@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use derp_proto::derpmap::DerpMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -25,6 +26,17 @@ use crate::crd::DerpRegion;
 use crate::mapbuild::{MapConfig, MapInput, MapOutput, RegionFacts, RegionKey, build_map};
 use crate::mapserver::MapSnapshot;
 use crate::render::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, MANAGER_NAME};
+
+/// How long a starting replica waits for the `derp-map` ConfigMap.
+const SEED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The map a `derp-map` ConfigMap holds, when it parses and has a region.
+pub fn seed_from_configmap(cm: &ConfigMap) -> Option<DerpMap> {
+    let json = cm.data.as_ref()?.get(CONFIGMAP_JSON_KEY)?;
+    serde_json::from_str::<DerpMap>(json)
+        .ok()
+        .filter(|m| !m.regions.is_empty())
+}
 
 /// A held map is announced with an Event on at most this many DerpRegions.
 const MAX_HOLD_EVENTS: usize = 20;
@@ -198,9 +210,19 @@ impl MapTask {
             r = synced => if r.is_err() { return },
         }
         info!("caches synced; building the first map");
+        // What the last leader served: its nodes get the not-ready grace from the first build on,
+        // and it is the last good map if the first builds have no region. So a replica started
+        // while every derper is down (all replicas restarted across a Headscale refresh) serves
+        // the fleet's map instead of 503.
+        let seed = self.read_seed().await;
 
         let mut leader = self.leader.clone();
-        let mut published = BTreeSet::new();
+        let mut published: BTreeSet<String> = seed
+            .iter()
+            .flat_map(|m| m.regions.values())
+            .flat_map(|r| r.nodes.iter().map(|n| n.name.clone()))
+            .collect();
+        let seed_snap = seed.as_ref().map(|m| Arc::new(MapSnapshot::new(m)));
         let mut unready_since = BTreeMap::new();
         let mut last_facts: BTreeMap<RegionKey, RegionFacts> = BTreeMap::new();
         // What the ConfigMap holds as far as we know: None = unknown (read it once as leader).
@@ -230,7 +252,7 @@ impl MapTask {
                 self.stats
                     .withheld
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                current
+                current.or_else(|| seed_snap.clone())
             } else {
                 // Most rebuilds change only facts (status), not the map: comparing the maps is
                 // much cheaper than serialising and hashing a megabyte of JSON to find that out.
@@ -357,6 +379,39 @@ impl MapTask {
                 r = leader.changed() => {
                     if r.is_err() { return }
                 }
+            }
+        }
+    }
+
+    /// The map in the `derp-map` ConfigMap, if it has a region (waits at most 5 s; a failure is
+    /// logged and the replica starts without it).
+    async fn read_seed(&self) -> Option<DerpMap> {
+        let cm = self.configmap.as_ref()?;
+        match tokio::time::timeout(SEED_TIMEOUT, cm.api.get_opt(&cm.name)).await {
+            Ok(Ok(Some(c))) => {
+                let m = seed_from_configmap(&c);
+                if let Some(m) = &m {
+                    info!(
+                        regions = m.regions.len(),
+                        "seeded from ConfigMap {}/{}", cm.namespace, cm.name
+                    );
+                }
+                m
+            }
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                warn!(
+                    "reading ConfigMap {}/{} at start: {e}; starting without it",
+                    cm.namespace, cm.name
+                );
+                None
+            }
+            Err(_) => {
+                warn!(
+                    "reading ConfigMap {}/{} at start timed out; starting without it",
+                    cm.namespace, cm.name
+                );
+                None
             }
         }
     }
@@ -547,5 +602,35 @@ mod tests {
         );
         out.map.regions.insert(900, Default::default());
         assert_eq!(withhold_reason(&out, 1), None);
+    }
+
+    #[test]
+    fn the_configmap_seeds_only_a_map_with_regions() {
+        let cm = |json: &str| ConfigMap {
+            data: Some([(CONFIGMAP_JSON_KEY.to_string(), json.to_string())].into()),
+            ..Default::default()
+        };
+        let mut map = DerpMap::default();
+        assert_eq!(seed_from_configmap(&cm(&map.to_json())), None);
+        assert_eq!(seed_from_configmap(&cm("not json")), None);
+        assert_eq!(seed_from_configmap(&ConfigMap::default()), None);
+        map.regions.insert(
+            900,
+            derp_proto::derpmap::DerpRegion {
+                region_id: 900,
+                region_code: "home".into(),
+                nodes: vec![derp_proto::derpmap::DerpNode {
+                    name: "900-a".into(),
+                    region_id: 900,
+                    host_name: "198.51.100.1".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let seeded = seed_from_configmap(&cm(&map.to_json())).unwrap();
+        assert_eq!(seeded, map);
+        // The seed is served byte for byte as the leader wrote it.
+        assert_eq!(MapSnapshot::new(&seeded).json, MapSnapshot::new(&map).json);
     }
 }

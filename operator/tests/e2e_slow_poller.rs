@@ -7,7 +7,10 @@
 //! - every node of the region deleted (a deleted Node leaves the map at once): the last build has
 //!   no region, so the last good map (with the last node) stays served; `/readyz` says "held", `derpfleet_map_held` is 1, the region gets a
 //!   `ServingLastGoodMap` Event and the `derp-map` ConfigMap keeps the good map;
-//! - the nodes come back: the map has the region again, `MapRecovered`.
+//! - the nodes come back: the map has the region again, `MapRecovered`;
+//! - a `RegionPerNode` DerpRegion: one-node regions with the ids `status.nodeRegions` records;
+//! - the operator restarted while every derper of a region is NotReady: the new replica serves
+//!   the region from its first map on (nodes seeded from the `derp-map` ConfigMap).
 //!
 //! Uses a running rig when `DERP_FLEET_RIG_STATE` names its state dir; otherwise builds (cached)
 //! and starts one. Fails with "rig not available" when the rig cannot be built or started.
@@ -215,5 +218,25 @@ fn map_keeps_regions_through_blinks_and_never_goes_empty() {
         rig.json(&["-n", NS, "get", "secret", "pn-derper-mesh-key"])
             .is_none()
     );
+
+    // --- the operator restarted while every derper of a region is NotReady: the new replica's
+    // first map still has the region (its nodes seeded from the derp-map ConfigMap)
+    let (served, _) = map(port).unwrap();
+    wait_for("the ConfigMap holds the served map", || {
+        let cm = rig.json(&["-n", "default", "get", "configmap", "derp-map"])?;
+        (cm["data"]["derpmap.json"].as_str()? == served).then_some(())
+    });
+    for p in pod_names(&rig) {
+        rig.run("rigctl", &["pod-ready", NS, &p, "false"]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    rig.stop_operators();
+    let port2 = rig.start_leader("op-slow-2", GRACE);
+    let (body2, _) = map(port2).unwrap();
+    assert_eq!(
+        body2, served,
+        "the restarted replica's map differs from the one before"
+    );
+    println!("MEASURED restart with a region NotReady: the new replica's first map is the old one");
     rig.stop_operators();
 }
