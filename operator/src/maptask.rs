@@ -222,7 +222,13 @@ impl MapTask {
             .flat_map(|m| m.regions.values())
             .flat_map(|r| r.nodes.iter().map(|n| n.name.clone()))
             .collect();
-        let seed_snap = seed.as_ref().map(|m| Arc::new(MapSnapshot::new(m)));
+        let seed_snap = seed.as_ref().and_then(|m| match MapSnapshot::new(m) {
+            Ok(snap) => Some(Arc::new(snap)),
+            Err(e) => {
+                warn!("the map seeded from the ConfigMap does not serialise, not using it: {e}");
+                None
+            }
+        });
         let mut unready_since = BTreeMap::new();
         let mut last_facts: BTreeMap<RegionKey, RegionFacts> = BTreeMap::new();
         // What the ConfigMap holds as far as we know: None = unknown (read it once as leader).
@@ -611,7 +617,7 @@ mod tests {
             ..Default::default()
         };
         let mut map = DerpMap::default();
-        assert_eq!(seed_from_configmap(&cm(&map.to_json())), None);
+        assert_eq!(seed_from_configmap(&cm(&map.to_json().unwrap())), None);
         assert_eq!(seed_from_configmap(&cm("not json")), None);
         assert_eq!(seed_from_configmap(&ConfigMap::default()), None);
         map.regions.insert(
@@ -628,9 +634,12 @@ mod tests {
                 ..Default::default()
             },
         );
-        let seeded = seed_from_configmap(&cm(&map.to_json())).unwrap();
+        let seeded = seed_from_configmap(&cm(&map.to_json().unwrap())).unwrap();
         assert_eq!(seeded, map);
         // The seed is served byte for byte as the leader wrote it.
-        assert_eq!(MapSnapshot::new(&seeded).json, MapSnapshot::new(&map).json);
+        assert_eq!(
+            MapSnapshot::new(&seeded).unwrap().json,
+            MapSnapshot::new(&map).unwrap().json
+        );
     }
 }
