@@ -792,6 +792,11 @@ mod tests {
             .unwrap()
     }
 
+    /// The caches hand the builder `Arc`s; the tests keep plain objects.
+    fn shared<T: Clone>(v: &[T]) -> Vec<Arc<T>> {
+        v.iter().cloned().map(Arc::new).collect()
+    }
+
     fn build(
         regions: &[DerpRegion],
         nodes: &[Node],
@@ -800,9 +805,6 @@ mod tests {
         prev: &BTreeSet<String>,
         now: i64,
     ) -> MapOutput {
-        fn shared<T: Clone>(v: &[T]) -> Vec<Arc<T>> {
-            v.iter().cloned().map(Arc::new).collect()
-        }
         build_map(
             &MapInput {
                 regions: &shared(regions),
@@ -830,9 +832,6 @@ mod tests {
         now: i64,
         grace: Duration,
     ) -> MapOutput {
-        fn shared<T: Clone>(v: &[T]) -> Vec<Arc<T>> {
-            v.iter().cloned().map(Arc::new).collect()
-        }
         build_map(
             &MapInput {
                 regions: &shared(regions),
@@ -1079,8 +1078,8 @@ mod tests {
             build_map(
                 &MapInput {
                     regions: &[Arc::new(r.clone())],
-                    nodes: &nodes.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
-                    pods: &pods.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                    nodes: &shared(&nodes),
+                    pods: &shared(&pods),
                     secrets: &[],
                     previously_published: &BTreeSet::new(),
                     unready_since: &BTreeMap::new(),
