@@ -30,7 +30,7 @@ use crate::crd::{
     CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_HEALTHY, CONDITION_READY,
     DerpRegion, DerpRegionStatus, RegionProbeStatus,
 };
-use crate::mapbuild::{MapOutput, RegionFacts, RegionKey};
+use crate::mapbuild::{Conflict, MapOutput, NotPublished, RegionFacts, RegionKey};
 use crate::probe::ProbeReport;
 use crate::prune;
 use crate::render::{
@@ -127,10 +127,6 @@ pub struct Context {
     pub reconciles: std::sync::atomic::AtomicU64,
 }
 
-fn key_of(r: &DerpRegion) -> RegionKey {
-    (r.namespace().unwrap_or_default(), r.name_any())
-}
-
 /// State of the region's certificate, as `CertificateReady` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertState {
@@ -165,7 +161,7 @@ pub async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Act
     if res.is_ok()
         && let Ok(mut f) = ctx.failures.lock()
     {
-        f.remove(&key_of(&region));
+        f.remove(&RegionKey::of(&region));
     }
     res
 }
@@ -176,7 +172,7 @@ pub fn error_policy(region: Arc<DerpRegion>, err: &Error, ctx: Arc<Context>) -> 
         .failures
         .lock()
         .map(|mut f| {
-            let n = f.entry(key_of(&region)).or_insert(0);
+            let n = f.entry(RegionKey::of(&region)).or_insert(0);
             *n = n.saturating_add(1);
             *n
         })
@@ -282,14 +278,14 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
     }
 
     let cert_state = if spec.tls.issuer_ref.is_some() {
-        let (state, retry) = certificate(ctx, ns, &name, rendered.certificate.as_ref()).await?;
-        if retry {
+        let cert = certificate(ctx, ns, &name, rendered.certificate.as_ref()).await?;
+        if cert.look_again_soon {
             requeue = CERT_WAIT_RETRY;
         }
-        if let Some(a) = state.1 {
+        if let Some(a) = cert.applied {
             note("Certificate", a);
         }
-        state.0
+        cert.state
     } else if let Some(secret) = &spec.tls.secret_name {
         let found = secrets
             .get_opt(secret)
@@ -345,7 +341,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         .map
         .borrow()
         .as_ref()
-        .and_then(|m| m.facts.get(&key_of(region)).cloned());
+        .and_then(|m| m.facts.get(&RegionKey::of(region)).cloned());
     let Some(facts) = facts else {
         debug!("no map facts for the region yet");
         return Ok(Action::requeue(FACTS_PENDING_RETRY));
@@ -355,7 +351,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         .probe
         .borrow()
         .as_ref()
-        .map(|p| p.get(&key_of(region)).cloned().unwrap_or_default());
+        .map(|p| p.get(&RegionKey::of(region)).cloned().unwrap_or_default());
     let new = with_probe(
         desired_status(region, &facts, &cert_state, old.as_ref(), now_seconds()),
         probe,
@@ -485,45 +481,49 @@ pub fn regions_for_secret(
         .collect()
 }
 
-/// The Certificate's state, after applying it when cert-manager is installed. The bool asks
-/// for a sooner look.
+/// What [`certificate`] found and did.
+struct CertificateOutcome {
+    state: CertState,
+    /// What applying the Certificate did (`None`: nothing to apply yet).
+    applied: Option<Applied>,
+    /// Look again within [`CERT_WAIT_RETRY`] rather than [`RESYNC`]: waiting on cert-manager.
+    look_again_soon: bool,
+}
+
+/// The Certificate's state, after applying it when cert-manager is installed.
 async fn certificate(
     ctx: &Context,
     ns: &str,
     name: &str,
     desired: Option<&DynamicObject>,
-) -> Result<((CertState, Option<Applied>), bool), Error> {
+) -> Result<CertificateOutcome, Error> {
     if !ctx.cert_crd.load(Ordering::Relaxed) {
         // Installed since the last look? (the Certificate watch starts on its own once it is).
         if cert_crd_installed(&ctx.client).await {
             ctx.cert_crd.store(true, Ordering::Relaxed);
         } else {
-            return Ok((
-                (
-                    CertState::new(
-                        false,
-                        "CertManagerMissing",
-                        "cert-manager is not installed (no certificates.cert-manager.io/v1 API): \
-                         install cert-manager, or use tls.selfSigned or tls.secretName",
-                    ),
-                    None,
+            return Ok(CertificateOutcome {
+                state: CertState::new(
+                    false,
+                    "CertManagerMissing",
+                    "cert-manager is not installed (no certificates.cert-manager.io/v1 API): \
+                     install cert-manager, or use tls.selfSigned or tls.secretName",
                 ),
-                true,
-            ));
+                applied: None,
+                look_again_soon: true,
+            });
         }
     }
     let Some(desired) = desired else {
-        return Ok((
-            (
-                CertState::new(
-                    false,
-                    "NoNodes",
-                    "no node is selected yet; the Certificate is requested once one is",
-                ),
-                None,
+        return Ok(CertificateOutcome {
+            state: CertState::new(
+                false,
+                "NoNodes",
+                "no node is selected yet; the Certificate is requested once one is",
             ),
-            false,
-        ));
+            applied: None,
+            look_again_soon: false,
+        });
     };
     let cname = certificate_name(name);
     let have = ctx
@@ -580,8 +580,11 @@ async fn certificate(
             format!("waiting for cert-manager to issue Certificate {cname}"),
         ),
     };
-    let retry = !state.ready;
-    Ok(((state, Some(applied)), retry))
+    Ok(CertificateOutcome {
+        look_again_soon: !state.ready,
+        state,
+        applied: Some(applied),
+    })
 }
 
 /// Whether the API server serves `certificates.cert-manager.io/v1`.
@@ -624,6 +627,83 @@ fn condition(
     }
 }
 
+/// Reason of the `Ready` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyReason {
+    Published,
+    Conflict,
+    NoNodeSelected,
+    WaitingForCertificate,
+    InvalidRegionID,
+    NoReadyNode,
+}
+
+impl ReadyReason {
+    /// The reason for the map's facts: the one place a [`NotPublished`] becomes a reason.
+    pub fn of(facts: &RegionFacts) -> Self {
+        match &facts.not_published {
+            _ if facts.published => Self::Published,
+            Some(NotPublished::Conflict(_)) => Self::Conflict,
+            // With no node selected a self-signed region has no certificate yet either (it is
+            // made for the first node): the selection is what a person must change first.
+            _ if facts.desired == 0 => Self::NoNodeSelected,
+            Some(NotPublished::Certificate(_)) => Self::WaitingForCertificate,
+            Some(NotPublished::InvalidRegionId(_)) => Self::InvalidRegionID,
+            Some(NotPublished::NoNodeSelected) => Self::NoNodeSelected,
+            Some(NotPublished::NoReadyNode { .. }) | None => Self::NoReadyNode,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Published => "Published",
+            Self::Conflict => "Conflict",
+            Self::NoNodeSelected => "NoNodeSelected",
+            Self::WaitingForCertificate => "WaitingForCertificate",
+            Self::InvalidRegionID => "InvalidRegionID",
+            Self::NoReadyNode => "NoReadyNode",
+        }
+    }
+}
+
+impl std::fmt::Display for ReadyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reason of the `Conflict` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictReason {
+    Unique,
+    RegionIDTaken,
+    RegionCodeTaken,
+}
+
+impl ConflictReason {
+    pub fn of(conflict: Option<&Conflict>) -> Self {
+        match conflict {
+            None => Self::Unique,
+            Some(Conflict::RegionIdTaken { .. }) => Self::RegionIDTaken,
+            Some(Conflict::CodeTaken { .. }) => Self::RegionCodeTaken,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unique => "Unique",
+            Self::RegionIDTaken => "RegionIDTaken",
+            Self::RegionCodeTaken => "RegionCodeTaken",
+        }
+    }
+}
+
+impl std::fmt::Display for ConflictReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The status a region should have, given the map's facts and its certificate. Pure.
 pub fn desired_status(
     region: &DerpRegion,
@@ -635,7 +715,7 @@ pub fn desired_status(
     let generation = region.metadata.generation;
     let (ready_reason, ready_msg) = if facts.published {
         (
-            "Published",
+            ReadyReason::Published,
             format!(
                 "{} of {} nodes are in the DERP map",
                 facts.ready, facts.desired
@@ -643,38 +723,27 @@ pub fn desired_status(
         )
     } else {
         let why = facts
-            .not_published_reason
-            .clone()
-            .unwrap_or_else(|| "not in the DERP map".into());
-        let reason = if facts.conflict.is_some() {
-            "Conflict"
-        } else if facts.desired == 0 {
-            "NoNodeSelected"
-        } else if why.contains("certificate") || why.contains("Secret") {
-            "WaitingForCertificate"
-        } else if why.contains("out of range") {
-            "InvalidRegionID"
-        } else {
-            "NoReadyNode"
-        };
-        (reason, format!("not in the DERP map: {why}"))
+            .not_published
+            .as_ref()
+            .map_or_else(|| "not in the DERP map".into(), ToString::to_string);
+        (
+            ReadyReason::of(facts),
+            format!("not in the DERP map: {why}"),
+        )
     };
-    let (conflict_reason, conflict_msg) = match &facts.conflict {
-        Some(c) if c.starts_with("code") => ("RegionCodeTaken", c.clone()),
-        Some(c) => ("RegionIDTaken", c.clone()),
-        None => (
-            "Unique",
-            format!(
-                "regionId {} and code {:?} belong to this region alone",
-                region.spec.region_id, region.spec.code
-            ),
+    let conflict = facts.conflict();
+    let conflict_msg = match conflict {
+        Some(c) => c.to_string(),
+        None => format!(
+            "regionId {} and code {:?} belong to this region alone",
+            region.spec.region_id, region.spec.code
         ),
     };
     let conditions = vec![
         condition(
             CONDITION_READY,
             facts.published,
-            ready_reason,
+            ready_reason.as_str(),
             ready_msg,
             generation,
             old,
@@ -691,8 +760,8 @@ pub fn desired_status(
         ),
         condition(
             CONDITION_CONFLICT,
-            facts.conflict.is_some(),
-            conflict_reason,
+            conflict.is_some(),
+            ConflictReason::of(conflict).as_str(),
             conflict_msg,
             generation,
             old,
@@ -700,7 +769,7 @@ pub fn desired_status(
         ),
     ];
     let mut message: Vec<String> = Vec::new();
-    if let Some(why) = &facts.not_published_reason {
+    if let Some(why) = &facts.not_published {
         message.push(format!("not in the DERP map: {why}"));
     }
     message.extend(facts.warnings.iter().cloned());
@@ -966,8 +1035,7 @@ mod tests {
                 ready: ready > 0,
             }],
             published: ready > 0,
-            not_published_reason: (ready == 0)
-                .then(|| format!("none of the {desired} selected nodes has a Ready derper")),
+            not_published: (ready == 0).then_some(NotPublished::NoReadyNode { desired }),
             ..Default::default()
         }
     }
@@ -1019,8 +1087,10 @@ mod tests {
         assert_eq!(evs[0].type_, EventType::Warning);
 
         let mut f = facts(0, 3);
-        f.conflict = Some("regionId 900 is already held by the older DerpRegion derp/old".into());
-        f.not_published_reason = f.conflict.clone();
+        f.not_published = Some(NotPublished::Conflict(Conflict::RegionIdTaken {
+            id: 900,
+            holder: RegionKey::new("derp", "old"),
+        }));
         let c = desired_status(&r, &f, &cert(), Some(&first), ts(200));
         assert_eq!(c.conditions[0].reason, "Conflict");
         assert_eq!(c.conditions[2].status, "True");
@@ -1033,6 +1103,169 @@ mod tests {
             reasons.contains(&"RegionConflict".to_string()),
             "{reasons:?}"
         );
+    }
+
+    /// Every `Ready` and `Conflict` reason, from the map builder's facts to the status a
+    /// reconcile writes (`build_map`, then `desired_status`, as the map task and the controller
+    /// chain them).
+    #[test]
+    fn every_status_reason_from_the_map_build() {
+        use crate::crd::{SelfSignedMode, SelfSignedSpec};
+        use crate::mapbuild::{MapConfig, MapInput, build_map};
+        use crate::preview::derper_pod;
+        use k8s_openapi::api::core::v1::PodCondition;
+
+        let now = 1_790_000_000;
+        let make = |name: &str, id: i64, created: i64, pinned: bool| {
+            let mut r = region(name, id);
+            if !pinned {
+                r.spec.tls.self_signed = Some(SelfSignedSpec {
+                    mode: SelfSignedMode::InsecureForTests,
+                });
+            }
+            r.metadata.creation_timestamp = Some(Time(ts(created)));
+            r
+        };
+        let nowhere = |mut r: DerpRegion| {
+            r.spec.node_selector = [("derp".to_string(), "nowhere".to_string())].into();
+            r
+        };
+        let mut code_taken = make("code-taken", 901, 3, false);
+        code_taken.spec.code = "published".into();
+        let regions = [
+            make("published", 900, 1, false),
+            make("id-taken", 900, 2, false),
+            code_taken,
+            nowhere(make("no-node", 902, 4, false)),
+            // Pinned (self-signed) without its Secret yet.
+            make("pinned", 903, 5, true),
+            // With no node the Secret cannot exist either: the selection is the reason.
+            nowhere(make("pinned-no-node", 904, 6, true)),
+            // The CRD's validation refuses it on an API server; `operator render` reads files.
+            make("invalid", 0, 7, false),
+            make("unready", 905, 8, false),
+        ];
+        let nodes = [crate::testutil::node("a", &[("InternalIP", "10.0.0.1")])];
+        // A derper on every node a region selects (a derper still running on a node its
+        // region no longer selects keeps the node published until the DaemonSet removes it).
+        let pods: Vec<Arc<Pod>> = regions
+            .iter()
+            .filter(|r| r.spec.node_selector.is_empty())
+            .map(|r| {
+                let ready = if r.name_any() == "unready" {
+                    "False"
+                } else {
+                    "True"
+                };
+                let cond = PodCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..Default::default()
+                };
+                Arc::new(derper_pod("derp", &r.name_any(), "a", cond))
+            })
+            .collect();
+        let out = build_map(
+            &MapInput {
+                regions: &regions.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                nodes: &nodes.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                pods: &pods,
+                secrets: &[],
+                previously_published: &Default::default(),
+                unready_since: &Default::default(),
+                now: ts(now),
+                probe_failing: &Default::default(),
+            },
+            &MapConfig::default(),
+        );
+        let want = [
+            (
+                "published",
+                "Published",
+                "Unique",
+                "1 of 1 nodes are in the DERP map",
+            ),
+            (
+                "id-taken",
+                "Conflict",
+                "RegionIDTaken",
+                "regionId 900 is already held by the older DerpRegion derp/published",
+            ),
+            (
+                "code-taken",
+                "Conflict",
+                "RegionCodeTaken",
+                "code \"published\" is already held by the older DerpRegion derp/published",
+            ),
+            ("no-node", "NoNodeSelected", "Unique", "no node matches"),
+            (
+                "pinned",
+                "WaitingForCertificate",
+                "Unique",
+                "waiting for the self-signed certificate Secret pinned-derper-tls",
+            ),
+            (
+                "pinned-no-node",
+                "NoNodeSelected",
+                "Unique",
+                "not in the DERP map",
+            ),
+            (
+                "invalid",
+                "InvalidRegionID",
+                "Unique",
+                "regionId 0 is out of range",
+            ),
+            (
+                "unready",
+                "NoReadyNode",
+                "Unique",
+                "none of the 1 selected nodes has a Ready derper",
+            ),
+        ];
+        for (name, ready, conflict, message) in want {
+            let r = regions.iter().find(|r| r.name_any() == name).unwrap();
+            let f = &out.facts[&RegionKey::of(r)];
+            let s = desired_status(r, f, &cert(), None, ts(now));
+            assert_eq!(
+                condition_of(&s, CONDITION_READY),
+                (
+                    if ready == "Published" {
+                        "True"
+                    } else {
+                        "False"
+                    }
+                    .into(),
+                    ready.into()
+                ),
+                "{name}: {s:?}"
+            );
+            assert_eq!(
+                condition_of(&s, CONDITION_CONFLICT),
+                (
+                    if conflict == "Unique" {
+                        "False"
+                    } else {
+                        "True"
+                    }
+                    .into(),
+                    conflict.into()
+                ),
+                "{name}: {s:?}"
+            );
+            let said = s
+                .conditions
+                .iter()
+                .filter(|c| c.type_ != CONDITION_CERTIFICATE_READY)
+                .any(|c| c.message.contains(message));
+            assert!(said, "{name}: no condition says {message:?}: {s:?}");
+            // A region that is not published says so in status.message too.
+            assert_eq!(s.message.is_some(), ready != "Published", "{name}: {s:?}");
+        }
+        // The map holds the winner alone.
+        let ids: Vec<u32> = out.map.regions.keys().copied().collect();
+        assert_eq!(ids, [900]);
+        assert_eq!(out.map.regions[&900].region_code, "published");
     }
 
     #[test]

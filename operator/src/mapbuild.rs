@@ -17,6 +17,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use derp_proto::derpmap::{DerpMap, DerpNode, DerpRegion as MapRegion};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 
 use crate::crd::{
     DerpRegion, NodeRegion, PORT_DISABLED, PublishMode, PublishedNode, SelfSignedMode,
@@ -35,8 +37,118 @@ use crate::tls;
 /// Region id of Headscale's embedded DERP server by default; it wins any collision there.
 pub const HEADSCALE_EMBEDDED_REGION_ID: i64 = 999;
 
-/// `(namespace, name)` of a DerpRegion.
-pub type RegionKey = (String, String);
+/// Where a DerpRegion lives: its namespace and name (ordered by namespace, then name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl RegionKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of `region` (a region without a namespace, as `operator render` may read one,
+    /// gets the empty one).
+    pub fn of(region: &DerpRegion) -> Self {
+        Self::new(region.namespace().unwrap_or_default(), region.name_any())
+    }
+
+    /// The reference the controller's `reconcile_on` and the reflector stores take.
+    pub fn object_ref(&self) -> ObjectRef<DerpRegion> {
+        ObjectRef::new(&self.name).within(&self.namespace)
+    }
+}
+
+impl fmt::Display for RegionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why an older DerpRegion keeps this one out of the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    RegionIdTaken { id: i64, holder: RegionKey },
+    CodeTaken { code: String, holder: RegionKey },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let holder = match self {
+            Self::RegionIdTaken { id, holder } => {
+                write!(f, "regionId {id}")?;
+                holder
+            }
+            Self::CodeTaken { code, holder } => {
+                write!(f, "code {code:?}")?;
+                holder
+            }
+        };
+        write!(f, " is already held by the older DerpRegion {holder}")
+    }
+}
+
+/// Why a region's self-signed certificate cannot be pinned in the map yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertWait {
+    /// The operator has not written the Secret yet (it does for the first selected node).
+    NoSecret {
+        secret: String,
+    },
+    NoTlsCrt {
+        secret: String,
+    },
+    Unreadable {
+        secret: String,
+        error: String,
+    },
+}
+
+impl fmt::Display for CertWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSecret { secret } => {
+                write!(f, "waiting for the self-signed certificate Secret {secret}")
+            }
+            Self::NoTlsCrt { secret } => write!(f, "Secret {secret} has no tls.crt"),
+            Self::Unreadable { secret, error } => write!(f, "Secret {secret}: {error}"),
+        }
+    }
+}
+
+/// Why a region is not in the map, first cause first (see [`build_map`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotPublished {
+    Conflict(Conflict),
+    /// `regionId` is no DERP region id (the CRD's validation keeps such a region out of the API
+    /// server; `operator render` reads files).
+    InvalidRegionId(i64),
+    Certificate(CertWait),
+    NoNodeSelected,
+    /// None of the `desired` selected nodes has a derper that is Ready (or in its grace).
+    NoReadyNode {
+        desired: u32,
+    },
+}
+
+impl fmt::Display for NotPublished {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Conflict(c) => c.fmt(f),
+            Self::InvalidRegionId(id) => write!(f, "regionId {id} is out of range"),
+            Self::Certificate(c) => c.fmt(f),
+            Self::NoNodeSelected => f.write_str("no node matches the region's node selection"),
+            Self::NoReadyNode { desired } => {
+                write!(f, "none of the {desired} selected nodes has a Ready derper")
+            }
+        }
+    }
+}
 
 /// A published node whose derper pod is gone (deleted, evicted) while the region still selects the
 /// node stays this long for the DaemonSet to replace the pod (it does within seconds); past it,
@@ -102,15 +214,23 @@ pub struct RegionFacts {
     pub ready: u32,
     /// Selected nodes and nodes running a derper of the region, sorted by node name.
     pub nodes: Vec<PublishedNode>,
-    /// Set when another, older DerpRegion holds the id or code.
-    pub conflict: Option<String>,
     /// `RegionPerNode`: the region each node holds (for `status.nodeRegions`).
     pub node_regions: Vec<NodeRegion>,
     /// Whether the region is in the map.
     pub published: bool,
     /// Why it is not in the map, when it is not.
-    pub not_published_reason: Option<String>,
+    pub not_published: Option<NotPublished>,
     pub warnings: Vec<String>,
+}
+
+impl RegionFacts {
+    /// The older DerpRegion's claim that keeps this one out, if any (it is the first cause).
+    pub fn conflict(&self) -> Option<&Conflict> {
+        match &self.not_published {
+            Some(NotPublished::Conflict(c)) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -127,10 +247,6 @@ pub struct MapOutput {
     /// Per published region, its nodes as the map would list them without the probe gate: what
     /// the prober probes (a gated node must still be probed to come back).
     pub probe_targets: BTreeMap<RegionKey, Vec<DerpNode>>,
-}
-
-fn region_key(r: &DerpRegion) -> RegionKey {
-    (r.namespace().unwrap_or_default(), r.name_any())
 }
 
 /// The nodes by the label pairs some region's `nodeSelector` names: a region then looks only at
@@ -202,7 +318,12 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         .regions
         .iter()
         .filter(|r| r.metadata.deletion_timestamp.is_none())
-        .map(|r| (region_key(r), plan_nodes(&r.spec, node_index.candidates(r))))
+        .map(|r| {
+            (
+                RegionKey::of(r),
+                plan_nodes(&r.spec, node_index.candidates(r)),
+            )
+        })
         .collect();
     let ids = assign_ids(input.regions, &selection, &|n| {
         nodes_by_name.contains_key(n)
@@ -237,12 +358,11 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         if region.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let key = region_key(region);
+        let key = RegionKey::of(region);
         let spec = &region.spec;
         let per_node = spec.publish.mode == PublishMode::RegionPerNode;
         let assigned = ids.per_node.get(&key);
         let mut facts = RegionFacts {
-            conflict: ids.conflicts.get(&key).cloned(),
             warnings: ids.warnings.get(&key).cloned().unwrap_or_default(),
             node_regions: assigned
                 .map(|a| {
@@ -270,7 +390,7 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         // Node name -> the state of this region's derpers there.
         let mut on_node: BTreeMap<String, PodsOnNode> = BTreeMap::new();
         let pods = pods_of
-            .get(&(key.0.as_str(), key.1.as_str()))
+            .get(&(key.namespace.as_str(), key.name.as_str()))
             .map_or(&[][..], Vec::as_slice);
         for pod in pods {
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
@@ -362,25 +482,24 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         facts.ready = u32::try_from(map_nodes.len()).unwrap_or(u32::MAX);
 
         let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
-        facts.not_published_reason = if let Some(c) = &facts.conflict {
-            Some(c.clone())
+        facts.not_published = if let Some(c) = ids.conflicts.get(&key) {
+            Some(NotPublished::Conflict(c.clone()))
         } else if region_id.is_none() {
-            Some(format!("regionId {} is out of range", spec.region_id))
+            Some(NotPublished::InvalidRegionId(spec.region_id))
         } else if let Err(why) = &cert {
-            Some(why.clone())
+            Some(NotPublished::Certificate(why.clone()))
         } else if map_nodes.is_empty() {
             Some(if facts.desired == 0 {
-                "no node matches the region's node selection".into()
+                NotPublished::NoNodeSelected
             } else {
-                format!(
-                    "none of the {} selected nodes has a Ready derper",
-                    facts.desired
-                )
+                NotPublished::NoReadyNode {
+                    desired: facts.desired,
+                }
             })
         } else {
             None
         };
-        if let (None, true, Ok(cert)) = (&facts.not_published_reason, per_node, &cert) {
+        if let (None, true, Ok(cert)) = (&facts.not_published, per_node, &cert) {
             for plan in &map_nodes {
                 let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
                     continue;
@@ -403,7 +522,7 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 );
             }
             facts.published = true;
-        } else if let (None, Some(id), Ok(cert)) = (&facts.not_published_reason, region_id, &cert) {
+        } else if let (None, Some(id), Ok(cert)) = (&facts.not_published, region_id, &cert) {
             let nodes: Vec<DerpNode> = map_nodes
                 .iter()
                 .map(|p| derp_node(region, id, p, cert))
@@ -447,7 +566,7 @@ enum CertMark {
 fn region_cert(
     region: &DerpRegion,
     secrets: &HashMap<(&str, &str), &Secret>,
-) -> Result<CertMark, String> {
+) -> Result<CertMark, CertWait> {
     let Some(ss) = &region.spec.tls.self_signed else {
         return Ok(CertMark::Verified);
     };
@@ -456,17 +575,18 @@ fn region_cert(
     }
     let ns = region.namespace().unwrap_or_default();
     let name = certificate_name(&region.name_any());
-    let secret = secrets
-        .get(&(ns.as_str(), name.as_str()))
-        .ok_or_else(|| format!("waiting for the self-signed certificate Secret {name}"))?;
-    let pem = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("tls.crt"))
-        .ok_or_else(|| format!("Secret {name} has no tls.crt"))?;
+    let Some(secret) = secrets.get(&(ns.as_str(), name.as_str())) else {
+        return Err(CertWait::NoSecret { secret: name });
+    };
+    let Some(pem) = secret.data.as_ref().and_then(|d| d.get("tls.crt")) else {
+        return Err(CertWait::NoTlsCrt { secret: name });
+    };
     tls::pin(&pem.0)
         .map(CertMark::Pinned)
-        .map_err(|e| format!("Secret {name}: {e}"))
+        .map_err(|e| CertWait::Unreadable {
+            secret: name,
+            error: e.to_string(),
+        })
 }
 
 fn derp_node(region: &DerpRegion, id: u32, plan: &NodePlan, cert: &CertMark) -> DerpNode {
@@ -590,7 +710,7 @@ fn node_verdict(
 #[derive(Debug, Default)]
 pub struct IdAssignment {
     /// `SharedRegion` regions left out because an older region holds their id or code.
-    pub conflicts: BTreeMap<RegionKey, String>,
+    pub conflicts: BTreeMap<RegionKey, Conflict>,
     /// `RegionPerNode` regions: node name -> (region id, code).
     pub per_node: BTreeMap<RegionKey, BTreeMap<String, (i64, String)>>,
     /// What a person should know (a node that lost its id, a full range).
@@ -608,7 +728,7 @@ fn oldest_first<R: Borrow<DerpRegion>>(regions: &[R]) -> Vec<&DerpRegion> {
     order.sort_by(|a, b| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        (ta.is_none(), ta, region_key(a)).cmp(&(tb.is_none(), tb, region_key(b)))
+        (ta.is_none(), ta, RegionKey::of(a)).cmp(&(tb.is_none(), tb, RegionKey::of(b)))
     });
     order
 }
@@ -628,22 +748,22 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
     let mut out = IdAssignment::default();
     let mut ids: BTreeMap<i64, RegionKey> = BTreeMap::new();
     let mut codes: BTreeMap<String, RegionKey> = BTreeMap::new();
-    let held_by = |what: String, holder: &RegionKey| {
-        format!(
-            "{what} is already held by the older DerpRegion {}/{}",
-            holder.0, holder.1
-        )
-    };
     for r in &order {
-        let key = region_key(r);
+        let key = RegionKey::of(r);
         let spec = &r.spec;
         match spec.publish.mode {
             PublishMode::SharedRegion => {
                 if let Some(holder) = ids.get(&spec.region_id) {
-                    let why = held_by(format!("regionId {}", spec.region_id), holder);
+                    let why = Conflict::RegionIdTaken {
+                        id: spec.region_id,
+                        holder: holder.clone(),
+                    };
                     out.conflicts.insert(key, why);
                 } else if let Some(holder) = codes.get(&spec.code) {
-                    let why = held_by(format!("code {:?}", spec.code), holder);
+                    let why = Conflict::CodeTaken {
+                        code: spec.code.clone(),
+                        holder: holder.clone(),
+                    };
                     out.conflicts.insert(key, why);
                 } else {
                     ids.insert(spec.region_id, key.clone());
@@ -664,11 +784,19 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                             spec.id_range()
                         ))
                     } else if let Some(holder) = ids.get(&nr.region_id) {
-                        Some(held_by(format!("regionId {}", nr.region_id), holder))
+                        let holder = holder.clone();
+                        Some(
+                            Conflict::RegionIdTaken {
+                                id: nr.region_id,
+                                holder,
+                            }
+                            .to_string(),
+                        )
                     } else {
-                        codes
-                            .get(&nr.code)
-                            .map(|holder| held_by(format!("code {:?}", nr.code), holder))
+                        codes.get(&nr.code).map(|holder| {
+                            let (code, holder) = (nr.code.clone(), holder.clone());
+                            Conflict::CodeTaken { code, holder }.to_string()
+                        })
                     };
                     if let Some(why) = lost {
                         out.warnings.entry(key.clone()).or_default().push(format!(
@@ -689,7 +817,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
         .iter()
         .filter(|r| r.spec.publish.mode == PublishMode::RegionPerNode)
     {
-        let key = region_key(r);
+        let key = RegionKey::of(r);
         let spec = &r.spec;
         let plans = selection.get(&key).map_or(&[][..], Vec::as_slice);
         let mine = out.per_node.entry(key.clone()).or_default();
@@ -720,7 +848,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
 }
 
 /// `SharedRegion` regions that lose their id or code to an older region (see [`assign_ids`]).
-pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, String> {
+pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, Conflict> {
     assign_ids(regions, &HashMap::new(), &|_| true).conflicts
 }
 
@@ -930,7 +1058,7 @@ mod tests {
         );
         assert_eq!(down.map.to_json().unwrap(), want);
         assert_eq!(down.next_rebuild, Some(ts(NOW_S + 610)));
-        let f = &down.facts[&("derp".to_string(), "home".to_string())];
+        let f = &down.facts[&RegionKey::new("derp", "home")];
         assert!(
             f.published && f.warnings.iter().any(|w| w.contains("not-ready grace")),
             "{f:?}"
@@ -1018,7 +1146,7 @@ mod tests {
         assert_eq!(reg.nodes[1].ipv6, "2001:db8::2");
         assert_eq!(reg.nodes[1].stun_port, 3478);
         assert_eq!(reg.nodes[1].derp_port, 443);
-        let f = &out.facts[&("derp".to_string(), "home".to_string())];
+        let f = &out.facts[&RegionKey::new("derp", "home")];
         assert_eq!((f.ready, f.desired, f.published), (3, 3, true));
         assert_eq!(out.published.len(), 3);
     }
@@ -1096,7 +1224,7 @@ mod tests {
                 .map(|n| n.name.clone())
                 .collect()
         };
-        let key = ("derp".to_string(), "home".to_string());
+        let key = RegionKey::new("derp", "home");
         let targets = |out: &MapOutput| -> Vec<String> {
             out.probe_targets[&key]
                 .iter()
@@ -1171,14 +1299,16 @@ mod tests {
         let none = [pod("home", "a", false, 0)];
         let out = build(&regions, &nodes, &none, &[], &BTreeSet::new(), NOW_S);
         assert!(out.map.regions.is_empty());
-        let f = &out.facts[&("derp".to_string(), "home".to_string())];
+        let f = &out.facts[&RegionKey::new("derp", "home")];
         assert!(!f.published);
-        assert!(
-            f.not_published_reason
-                .as_ref()
-                .unwrap()
-                .contains("Ready derper"),
+        assert_eq!(
+            f.not_published,
+            Some(NotPublished::NoReadyNode { desired: 3 }),
             "{f:?}"
+        );
+        assert_eq!(
+            f.not_published.as_ref().unwrap().to_string(),
+            "none of the 3 selected nodes has a Ready derper"
         );
     }
 
@@ -1219,7 +1349,7 @@ mod tests {
 
     /// The controller writes `facts.node_regions` into status; the next build reads it back.
     fn record(r: &mut DerpRegion, out: &MapOutput) {
-        let f = &out.facts[&region_key(r)];
+        let f = &out.facts[&RegionKey::of(r)];
         r.status = Some(crate::crd::DerpRegionStatus {
             node_regions: f.node_regions.clone(),
             ..Default::default()
@@ -1314,7 +1444,7 @@ mod tests {
         // 900 a, 901 is the older shared region, 902 b; c finds the range 900-902 full.
         assert_eq!(ids, [900, 901, 902]);
         assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
-        let f = &out.facts[&region_key(&pn)];
+        let f = &out.facts[&RegionKey::of(&pn)];
         assert!(f.published);
         assert!(
             f.warnings
@@ -1337,8 +1467,11 @@ mod tests {
             NOW_S,
         );
         assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
-        let f = &out.facts[&region_key(&late)];
-        assert!(f.conflict.as_ref().unwrap().contains("derp/home"), "{f:?}");
+        let f = &out.facts[&RegionKey::of(&late)];
+        assert!(
+            f.conflict().unwrap().to_string().contains("derp/home"),
+            "{f:?}"
+        );
     }
 
     #[test]
@@ -1359,10 +1492,25 @@ mod tests {
         tie_a.metadata.creation_timestamp = Some(Time(ts(400)));
 
         let c = find_conflicts(&[old, new_same_id, same_code, third, tie_b, tie_a]);
-        let k = |n: &str| ("derp".to_string(), n.to_string());
-        assert!(c[&k("new")].contains("regionId 900") && c[&k("new")].contains("derp/old"));
-        assert!(c[&k("other")].contains("code \"old\""));
-        assert!(c[&k("tie-b")].contains("derp/tie-a"));
+        let k = |n: &str| RegionKey::new("derp", n);
+        assert_eq!(
+            c[&k("new")],
+            Conflict::RegionIdTaken {
+                id: 900,
+                holder: k("old")
+            }
+        );
+        assert_eq!(
+            c[&k("new")].to_string(),
+            "regionId 900 is already held by the older DerpRegion derp/old"
+        );
+        assert_eq!(
+            c[&k("other")].to_string(),
+            "code \"old\" is already held by the older DerpRegion derp/old"
+        );
+        assert!(
+            matches!(&c[&k("tie-b")], Conflict::RegionIdTaken { holder, .. } if *holder == k("tie-a"))
+        );
         assert!(!c.contains_key(&k("old")) && !c.contains_key(&k("third")));
         assert!(!c.contains_key(&k("tie-a")));
     }
@@ -1382,9 +1530,9 @@ mod tests {
         let pods = [pod("a", "a", true, 0), pod("b", "b", true, 0)];
         let out = build(&[b, a], &nodes, &pods, &[], &BTreeSet::new(), NOW_S);
         assert_eq!(out.map.regions[&999].region_code, "a");
-        let fb = &out.facts[&("derp".to_string(), "b".to_string())];
-        assert!(fb.conflict.is_some() && !fb.published);
-        assert!(out.facts[&("derp".to_string(), "a".to_string())].warnings[0].contains("999"));
+        let fb = &out.facts[&RegionKey::new("derp", "b")];
+        assert!(fb.conflict().is_some() && !fb.published);
+        assert!(out.facts[&RegionKey::new("derp", "a")].warnings[0].contains("999"));
     }
 
     #[test]
@@ -1426,11 +1574,18 @@ mod tests {
             NOW_S,
         );
         assert!(out.map.regions.is_empty());
-        let f = &out.facts[&("derp".to_string(), "home".to_string())];
+        let f = &out.facts[&RegionKey::new("derp", "home")];
+        assert_eq!(
+            f.not_published,
+            Some(NotPublished::Certificate(CertWait::NoSecret {
+                secret: certificate_name("home")
+            }))
+        );
         assert!(
-            f.not_published_reason
+            f.not_published
                 .as_ref()
                 .unwrap()
+                .to_string()
                 .contains("self-signed")
         );
     }

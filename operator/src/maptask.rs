@@ -122,11 +122,7 @@ pub fn withhold_reason(out: &MapOutput, live_regions: usize) -> Option<String> {
     let why: Vec<String> = out
         .facts
         .iter()
-        .filter_map(|((ns, name), f)| {
-            f.not_published_reason
-                .as_ref()
-                .map(|r| format!("{ns}/{name}: {r}"))
-        })
+        .filter_map(|(key, f)| f.not_published.as_ref().map(|r| format!("{key}: {r}")))
         .take(5)
         .collect();
     Some(format!(
@@ -307,7 +303,7 @@ impl MapTask {
             }
             for (key, f) in &out.facts {
                 if last_facts.get(key) != Some(f) {
-                    let _ = self.trigger.send(ObjectRef::new(&key.1).within(&key.0));
+                    let _ = self.trigger.send(key.object_ref());
                 }
             }
             last_facts = out.facts.clone();
@@ -585,7 +581,7 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapbuild::RegionFacts;
+    use crate::mapbuild::{NotPublished, RegionFacts};
 
     #[test]
     fn an_empty_build_is_withheld_only_while_derp_regions_exist() {
@@ -593,11 +589,9 @@ mod tests {
         // No DerpRegion at all: the empty map is the truth.
         assert_eq!(withhold_reason(&out, 0), None);
         out.facts.insert(
-            ("derp".into(), "home".into()),
+            RegionKey::new("derp", "home"),
             RegionFacts {
-                not_published_reason: Some(
-                    "none of the 3 selected nodes has a Ready derper".into(),
-                ),
+                not_published: Some(NotPublished::NoReadyNode { desired: 3 }),
                 ..Default::default()
             },
         );

@@ -163,8 +163,8 @@ fn region_metrics(ctx: &Context, stats: &MapStats) -> String {
          # TYPE derp_fleet_region_ready_nodes gauge\n",
     );
     if let Some(m) = ctx.map.borrow().as_ref() {
-        for ((ns, name), f) in &m.facts {
-            let l = format!("namespace=\"{ns}\",region=\"{name}\"");
+        for (key, f) in &m.facts {
+            let l = format!("namespace=\"{}\",region=\"{}\"", key.namespace, key.name);
             let _ = writeln!(out, "derp_fleet_region_desired_nodes{{{l}}} {}", f.desired);
             let _ = writeln!(ready, "derp_fleet_region_ready_nodes{{{l}}} {}", f.ready);
         }
