@@ -34,7 +34,8 @@ use crate::mapbuild::{Conflict, MapOutput, NotPublished, RegionFacts, RegionKey}
 use crate::probe::ProbeReport;
 use crate::prune;
 use crate::render::{
-    LABEL_REGION, RenderContext, certificate_name, mesh_key_secret_name, render, tls_secret_name,
+    LABEL_REGION, RenderContext, Rendered, certificate_name, mesh_key_secret_name, render,
+    tls_secret_name,
 };
 use crate::select::plan_nodes;
 use crate::tls;
@@ -210,11 +211,51 @@ async fn existing_secret(ctx: &Context, ns: &str, name: &str) -> Result<Option<S
         })
 }
 
+/// One reconcile, in the order the objects depend on each other: read what a re-render must keep
+/// (the Secrets) and the selected nodes, render, apply the Secrets and the mesh ConfigMap, find
+/// (or request) the certificate, apply the DaemonSet that mounts them, prune what the region no
+/// longer uses, and write the status from the map task's facts.
 async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result<Action, Error> {
+    let now_unix = Timestamp::now().as_second();
+    let observed = observe(ctx, region, ns).await?;
+    let rendered = render_region(ctx, region, &observed, now_unix)?;
+    let mut changed = ChangedObjects::default();
+    apply_secrets_and_configmap(ctx, ns, &rendered, &observed, &mut changed).await?;
+    let cert = certificate_state(
+        ctx,
+        region,
+        ns,
+        &rendered,
+        &observed,
+        now_unix,
+        &mut changed,
+    )
+    .await?;
+    apply_daemonset(ctx, ns, &rendered, &mut changed).await?;
+    changed.log();
+    prune(ctx, region, ns).await?;
+    if !write_status(ctx, region, ns, &cert.state).await? {
+        debug!("no map facts for the region yet");
+        return Ok(Action::requeue(FACTS_PENDING_RETRY));
+    }
+    Ok(Action::requeue(if cert.look_again_soon {
+        CERT_WAIT_RETRY
+    } else {
+        RESYNC
+    }))
+}
+
+/// What a render reads besides the region: the Secrets whose content must survive it (a new mesh
+/// key or self-signed certificate would break the region) and the nodes the region selects.
+struct Observed {
+    mesh_key: Option<Secret>,
+    tls: Option<Secret>,
+    nodes: Vec<Node>,
+}
+
+async fn observe(ctx: &Context, region: &DerpRegion, ns: &str) -> Result<Observed, Error> {
     let name = region.name_any();
     let spec = &region.spec;
-    let mut requeue = RESYNC;
-
     let mesh_key = if spec.meshed() {
         existing_secret(ctx, ns, &mesh_key_secret_name(&name)).await?
     } else {
@@ -228,7 +269,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
     // Only the nodes this region selects are copied: reconciles run concurrently, and copying
     // every cached Node for each of them grew the operator to gigabytes at 1000 regions over
     // 5000 nodes (bench/operator-scale).
-    let nodes: Vec<Node> = ctx
+    let nodes = ctx
         .stores
         .nodes
         .state()
@@ -236,68 +277,132 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         .filter(|n| crate::select::selects(spec, n))
         .map(|n| (**n).clone())
         .collect();
+    Ok(Observed {
+        mesh_key,
+        tls,
+        nodes,
+    })
+}
+
+fn render_region(
+    ctx: &Context,
+    region: &DerpRegion,
+    observed: &Observed,
+    now_unix: i64,
+) -> Result<Rendered, Error> {
     let mut r = region.clone();
     if r.spec.image.is_none() {
         r.spec.image = ctx.derper_image.clone();
     }
-    let now_unix = Timestamp::now().as_second();
-    let rendered = render(
-        &r,
-        &RenderContext {
-            nodes: &nodes,
-            existing_mesh_key: mesh_key.as_ref(),
-            existing_tls: tls.as_ref(),
-            now_unix,
-        },
-        &mut rand::rngs::OsRng,
-    )?;
-
-    let client = &ctx.client;
-    let c = &ctx.counters;
-    let mut changed = Vec::new();
-    let mut note = |kind: &str, a: Applied| {
-        if a != Applied::Unchanged {
-            changed.push(format!("{kind}:{a:?}"));
-        }
+    let rctx = RenderContext {
+        nodes: &observed.nodes,
+        existing_mesh_key: observed.mesh_key.as_ref(),
+        existing_tls: observed.tls.as_ref(),
+        now_unix,
     };
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    Ok(render(&r, &rctx, &mut rand::rngs::OsRng)?)
+}
+
+/// The objects a reconcile changed, logged once at its end.
+#[derive(Default)]
+struct ChangedObjects(Vec<String>);
+
+impl ChangedObjects {
+    fn note(&mut self, kind: &str, a: Applied) {
+        if a != Applied::Unchanged {
+            self.0.push(format!("{kind}:{a:?}"));
+        }
+    }
+
+    fn log(&self) {
+        if !self.0.is_empty() {
+            info!(objects = ?self.0, "applied");
+        }
+    }
+}
+
+/// The mesh key Secret, the mesh peers ConfigMap and the self-signed TLS Secret (each when the
+/// region has one): the DaemonSet mounts them.
+async fn apply_secrets_and_configmap(
+    ctx: &Context,
+    ns: &str,
+    rendered: &Rendered,
+    observed: &Observed,
+    changed: &mut ChangedObjects,
+) -> Result<(), Error> {
+    let c = &ctx.counters;
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     if let Some(s) = &rendered.mesh_key_secret {
-        let have = mesh_key.as_ref();
-        note("Secret", apply::apply(&secrets, s, have, c).await?);
+        let have = observed.mesh_key.as_ref();
+        changed.note("Secret", apply::apply(&secrets, s, have, c).await?);
     }
     if let Some(cm) = &rendered.mesh_peers {
         let have = find(&ctx.stores.configmaps, ns, &cm.name_any());
-        let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
-        note(
-            "ConfigMap",
-            apply::apply(&api, cm, have.as_deref(), c).await?,
-        );
+        let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+        let a = apply::apply(&api, cm, have.as_deref(), c).await?;
+        changed.note("ConfigMap", a);
     }
     if let Some(s) = &rendered.tls_secret {
-        note("Secret", apply::apply(&secrets, s, tls.as_ref(), c).await?);
+        let have = observed.tls.as_ref();
+        changed.note("Secret", apply::apply(&secrets, s, have, c).await?);
     }
+    Ok(())
+}
 
-    let cert_state = if spec.tls.issuer_ref.is_some() {
+async fn apply_daemonset(
+    ctx: &Context,
+    ns: &str,
+    rendered: &Rendered,
+    changed: &mut ChangedObjects,
+) -> Result<(), Error> {
+    let ds = &rendered.daemonset;
+    let have = find(&ctx.stores.daemonsets, ns, &ds.name_any());
+    let api = Api::<DaemonSet>::namespaced(ctx.client.clone(), ns);
+    let a = apply::apply(&api, ds, have.as_deref(), &ctx.counters).await?;
+    changed.note("DaemonSet", a);
+    Ok(())
+}
+
+/// `CertificateReady` for each way a region gets its certificate: cert-manager (`issuerRef`,
+/// the Certificate applied here), a Secret of the user's (`secretName`), or self-signed.
+async fn certificate_state(
+    ctx: &Context,
+    region: &DerpRegion,
+    ns: &str,
+    rendered: &Rendered,
+    observed: &Observed,
+    now_unix: i64,
+    changed: &mut ChangedObjects,
+) -> Result<CertificateOutcome, Error> {
+    let spec = &region.spec;
+    let outcome = |state, look_again_soon| CertificateOutcome {
+        state,
+        applied: None,
+        look_again_soon,
+    };
+    if spec.tls.issuer_ref.is_some() {
+        let name = region.name_any();
         let cert = certificate(ctx, ns, &name, rendered.certificate.as_ref()).await?;
-        if cert.look_again_soon {
-            requeue = CERT_WAIT_RETRY;
-        }
         if let Some(a) = cert.applied {
-            note("Certificate", a);
+            changed.note("Certificate", a);
         }
-        cert.state
-    } else if let Some(secret) = &spec.tls.secret_name {
-        let found = secrets
+        return Ok(cert);
+    }
+    if let Some(secret) = &spec.tls.secret_name {
+        let found = Api::<Secret>::namespaced(ctx.client.clone(), ns)
             .get_opt(secret)
             .await
             .map_err(|source| Error::Kube {
                 what: "reading the tls.secretName Secret",
                 source,
             })?;
-        match found {
-            Some(found) => provided_secret_state(region, &nodes, secret, &found, now_unix),
-            None => {
-                requeue = CERT_WAIT_RETRY;
+        return Ok(match found {
+            Some(found) => {
+                let state =
+                    provided_secret_state(region, &observed.nodes, secret, &found, now_unix);
+                outcome(state, false)
+            }
+            None => outcome(
                 CertState::new(
                     false,
                     "SecretNotFound",
@@ -305,87 +410,83 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
                         "Secret {secret} (tls.secretName) does not exist in namespace {ns}; the \
                          derpers cannot start until it does"
                     ),
-                )
-            }
-        }
-    } else if rendered.tls_secret.is_some() {
-        CertState::new(
-            true,
-            "SelfSigned",
-            format!(
-                "self-signed certificate in Secret {}; the map pins it",
-                tls_secret_name(region)
+                ),
+                true,
             ),
-        )
-    } else {
-        CertState::new(
-            false,
-            "NoNodes",
-            "no node is selected yet; the self-signed certificate is made for the first one",
-        )
-    };
-
-    let ds_have = find(&ctx.stores.daemonsets, ns, &rendered.daemonset.name_any());
-    let api = Api::<DaemonSet>::namespaced(client.clone(), ns);
-    note(
-        "DaemonSet",
-        apply::apply(&api, &rendered.daemonset, ds_have.as_deref(), c).await?,
-    );
-    if !changed.is_empty() {
-        info!(objects = ?changed, "applied");
+        });
     }
-    prune(ctx, region, ns).await?;
+    Ok(if rendered.tls_secret.is_some() {
+        let message = format!(
+            "self-signed certificate in Secret {}; the map pins it",
+            tls_secret_name(region)
+        );
+        outcome(CertState::new(true, "SelfSigned", message), false)
+    } else {
+        let message =
+            "no node is selected yet; the self-signed certificate is made for the first one";
+        outcome(CertState::new(false, "NoNodes", message), false)
+    })
+}
 
-    // Status from the map task's facts (what /derpmap.json serves).
+/// Writes the status from the map task's facts (what `/derpmap.json` serves) when it changed,
+/// with an Event per transition a person must know about. `false`: the map task has no facts
+/// for the region yet.
+async fn write_status(
+    ctx: &Context,
+    region: &DerpRegion,
+    ns: &str,
+    cert: &CertState,
+) -> Result<bool, Error> {
+    let key = RegionKey::of(region);
     let facts = ctx
         .map
         .borrow()
         .as_ref()
-        .and_then(|m| m.facts.get(&RegionKey::of(region)).cloned());
+        .and_then(|m| m.facts.get(&key).cloned());
     let Some(facts) = facts else {
-        debug!("no map facts for the region yet");
-        return Ok(Action::requeue(FACTS_PENDING_RETRY));
+        return Ok(false);
     };
     let old = region.status.clone();
     let probe = ctx
         .probe
         .borrow()
         .as_ref()
-        .map(|p| p.get(&RegionKey::of(region)).cloned().unwrap_or_default());
+        .map(|p| p.get(&key).cloned().unwrap_or_default());
     let new = with_probe(
-        desired_status(region, &facts, &cert_state, old.as_ref(), now_seconds()),
+        desired_status(region, &facts, cert, old.as_ref(), now_seconds()),
         probe,
         ctx.probe_gates_map,
         old.as_ref(),
         now_seconds(),
     );
-    if old.as_ref() != Some(&new) {
-        let api = Api::<DerpRegion>::namespaced(client.clone(), ns);
-        let patch = json!({
-            "apiVersion": "derpfleet.io/v1alpha1",
-            "kind": "DerpRegion",
-            "status": serde_json::to_value(&new)?,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            what: "writing status",
-            source,
-        })?;
-        apply::count_status_write(c);
-        info!(ready = ?new.nodes_ready, "status updated");
-        for ev in transitions(old.as_ref(), &new)
-            .into_iter()
-            .chain(probe_transitions(old.as_ref(), &new, &facts))
-        {
-            publish(ctx, region, ev).await;
-        }
+    if old.as_ref() == Some(&new) {
+        return Ok(true);
     }
-    Ok(Action::requeue(requeue))
+    let api = Api::<DerpRegion>::namespaced(ctx.client.clone(), ns);
+    let patch = json!({
+        "apiVersion": "derpfleet.io/v1alpha1",
+        "kind": "DerpRegion",
+        "status": serde_json::to_value(&new)?,
+    });
+    api.patch_status(
+        &region.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        what: "writing status",
+        source,
+    })?;
+    apply::count_status_write(&ctx.counters);
+    info!(ready = ?new.nodes_ready, "status updated");
+    for ev in transitions(old.as_ref(), &new)
+        .into_iter()
+        .chain(probe_transitions(old.as_ref(), &new, &facts))
+    {
+        publish(ctx, region, ev).await;
+    }
+    Ok(true)
 }
 
 /// `CertificateReady` of a `tls.secretName` region: the Secret holds a certificate that is valid

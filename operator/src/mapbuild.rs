@@ -328,9 +328,30 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
     let ids = assign_ids(input.regions, &selection, &|n| {
         nodes_by_name.contains_key(n)
     });
-    // Our pods by (namespace, region), in input order; and the Secrets by (namespace, name).
-    let mut pods_of: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
-    for pod in input.pods {
+    let build = Build {
+        input,
+        cfg,
+        nodes_by_name,
+        pods_of: pods_by_region(input.pods),
+        secrets: secrets_by_name(input.secrets),
+        ids,
+    };
+    for region in input.regions {
+        if region.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let key = RegionKey::of(region);
+        let selected = selection.remove(&key).unwrap_or_default();
+        let facts = build.region(region, &key, selected, &mut out);
+        out.facts.insert(key, facts);
+    }
+    out
+}
+
+/// Our derper pods by (namespace, region), in input order.
+fn pods_by_region(pods: &[Arc<Pod>]) -> HashMap<(&str, &str), Vec<&Pod>> {
+    let mut out: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    for pod in pods {
         let labels = pod.labels();
         if labels.get(LABEL_NAME).map(String::as_str) != Some(APP_NAME) {
             continue;
@@ -338,32 +359,47 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         if let (Some(ns), Some(region)) =
             (pod.metadata.namespace.as_deref(), labels.get(LABEL_REGION))
         {
-            pods_of.entry((ns, region)).or_default().push(pod);
+            out.entry((ns, region)).or_default().push(pod);
         }
     }
-    let secrets: HashMap<(&str, &str), &Secret> = input
-        .secrets
+    out
+}
+
+/// The Secrets by (namespace, name).
+fn secrets_by_name(secrets: &[Arc<Secret>]) -> HashMap<(&str, &str), &Secret> {
+    secrets
         .iter()
         .filter_map(|s| {
-            Some((
-                (
-                    s.metadata.namespace.as_deref()?,
-                    s.metadata.name.as_deref()?,
-                ),
-                &**s,
-            ))
+            let ns = s.metadata.namespace.as_deref()?;
+            Some(((ns, s.metadata.name.as_deref()?), &**s))
         })
-        .collect();
-    for region in input.regions {
-        if region.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let key = RegionKey::of(region);
+        .collect()
+}
+
+/// What one build looks regions up in.
+struct Build<'a> {
+    input: &'a MapInput<'a>,
+    cfg: &'a MapConfig,
+    nodes_by_name: BTreeMap<&'a str, &'a Node>,
+    pods_of: HashMap<(&'a str, &'a str), Vec<&'a Pod>>,
+    secrets: HashMap<(&'a str, &'a str), &'a Secret>,
+    ids: IdAssignment,
+}
+
+impl Build<'_> {
+    /// One region: which of its nodes are in the map, whether it is published (into `out`), and
+    /// the facts its status reports.
+    fn region(
+        &self,
+        region: &DerpRegion,
+        key: &RegionKey,
+        selected: Vec<NodePlan>,
+        out: &mut MapOutput,
+    ) -> RegionFacts {
         let spec = &region.spec;
-        let per_node = spec.publish.mode == PublishMode::RegionPerNode;
-        let assigned = ids.per_node.get(&key);
+        let assigned = self.ids.per_node.get(key);
         let mut facts = RegionFacts {
-            warnings: ids.warnings.get(&key).cloned().unwrap_or_default(),
+            warnings: self.ids.warnings.get(key).cloned().unwrap_or_default(),
             node_regions: assigned
                 .map(|a| {
                     a.iter()
@@ -375,6 +411,7 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                         .collect()
                 })
                 .unwrap_or_default(),
+            desired: u32::try_from(selected.len()).unwrap_or(u32::MAX),
             ..Default::default()
         };
         if spec.id_range().contains(&HEADSCALE_EMBEDDED_REGION_ID) {
@@ -384,49 +421,131 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                     .into(),
             );
         }
-        let selected = selection.remove(&key).unwrap_or_default();
-        facts.desired = u32::try_from(selected.len()).unwrap_or(u32::MAX);
-
-        // Node name -> the state of this region's derpers there.
-        let mut on_node: BTreeMap<String, PodsOnNode> = BTreeMap::new();
-        let pods = pods_of
-            .get(&(key.namespace.as_str(), key.name.as_str()))
-            .map_or(&[][..], Vec::as_slice);
-        for pod in pods {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-                continue;
-            };
-            on_node.entry(node).or_default().add(pod_state(pod));
+        let selected_names: BTreeSet<String> =
+            selected.iter().map(|p| p.node_name.clone()).collect();
+        let plans = self.node_plans(region, key, selected, assigned);
+        let probed = self.nodes_in_map(region, key, &plans, &selected_names, &mut facts, out);
+        // The prober's verdict moves clients to healthy siblings; it never empties a region (a
+        // prober cut off from every node says more about the prober than about the nodes).
+        let failing = self.input.probe_failing;
+        let mut map_nodes = probed.clone();
+        if map_nodes.iter().any(|p| !failing.contains(&p.derp_name)) {
+            map_nodes.retain(|p| !failing.contains(&p.derp_name));
+            for n in &mut facts.nodes {
+                n.ready &= !failing.contains(&n.name);
+            }
         }
+        facts.ready = u32::try_from(map_nodes.len()).unwrap_or(u32::MAX);
 
-        // The nodes to report: selected ones plus any that still run one of our pods.
+        let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
+        let cert = region_cert(region, &self.secrets);
+        facts.not_published = if let Some(c) = self.ids.conflicts.get(key) {
+            Some(NotPublished::Conflict(c.clone()))
+        } else if region_id.is_none() {
+            Some(NotPublished::InvalidRegionId(spec.region_id))
+        } else if let Err(why) = &cert {
+            Some(NotPublished::Certificate(why.clone()))
+        } else if map_nodes.is_empty() {
+            Some(if facts.desired == 0 {
+                NotPublished::NoNodeSelected
+            } else {
+                NotPublished::NoReadyNode {
+                    desired: facts.desired,
+                }
+            })
+        } else {
+            None
+        };
+        if let (None, Some(id), Ok(cert)) = (&facts.not_published, region_id, &cert) {
+            if spec.publish.mode == PublishMode::RegionPerNode {
+                publish_per_node(region, assigned, &map_nodes, cert, out);
+            } else {
+                let node = |p: &&NodePlan| derp_node(region, id, p, cert);
+                let nodes: Vec<DerpNode> = map_nodes.iter().map(node).collect();
+                out.published.extend(nodes.iter().map(|n| n.name.clone()));
+                out.probe_targets
+                    .insert(key.clone(), probed.iter().map(node).collect());
+                out.map.regions.insert(
+                    id,
+                    MapRegion {
+                        region_id: id,
+                        region_code: spec.code.clone(),
+                        region_name: spec.name.clone().unwrap_or_else(|| spec.code.clone()),
+                        avoid: spec.avoid,
+                        no_measure_no_home: spec.no_measure_no_home,
+                        nodes,
+                        ..Default::default()
+                    },
+                );
+            }
+            facts.published = true;
+        }
+        facts
+    }
+
+    /// The nodes to report, by node name: the selected ones plus any that still run one of the
+    /// region's pods. In `RegionPerNode` mode each DERP name carries the id of its node's own
+    /// region (a node without one, the range being full, is reported but not published).
+    fn node_plans(
+        &self,
+        region: &DerpRegion,
+        key: &RegionKey,
+        selected: Vec<NodePlan>,
+        assigned: Option<&BTreeMap<String, (i64, String)>>,
+    ) -> BTreeMap<String, NodePlan> {
         let mut plans: BTreeMap<String, NodePlan> = selected
             .into_iter()
             .map(|p| (p.node_name.clone(), p))
             .collect();
-        let selected_names: BTreeSet<String> = plans.keys().cloned().collect();
-        for node in on_node.keys() {
-            if !plans.contains_key(node)
-                && let Some(n) = nodes_by_name.get(node.as_str())
+        for pod in self.pods(key) {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                && !plans.contains_key(node)
+                && let Some(n) = self.nodes_by_name.get(node)
             {
-                plans.insert(node.clone(), plan_node(spec, n));
+                plans.insert(node.to_string(), plan_node(&region.spec, n));
             }
         }
-        if per_node {
-            // A node's DERP name carries the id of its own region; a node without one (the
-            // range is full) is reported but not published.
+        if region.spec.publish.mode == PublishMode::RegionPerNode {
             for (node, plan) in plans.iter_mut() {
                 if let Some((id, _)) = assigned.and_then(|a| a.get(node)) {
                     plan.derp_name = crate::select::derp_node_name(*id, node);
                 }
             }
         }
+        plans
+    }
 
-        let cert = region_cert(region, &secrets);
+    fn pods<'s>(&'s self, key: &'s RegionKey) -> &'s [&'s Pod] {
+        self.pods_of
+            .get(&(key.namespace.as_str(), key.name.as_str()))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Decides for each planned node whether it is in the map (before the probe gate), records
+    /// it in `facts.nodes`, and keeps the NotReady graces in `out`. Returns the nodes in the map.
+    fn nodes_in_map<'p>(
+        &self,
+        region: &DerpRegion,
+        key: &RegionKey,
+        plans: &'p BTreeMap<String, NodePlan>,
+        selected: &BTreeSet<String>,
+        facts: &mut RegionFacts,
+        out: &mut MapOutput,
+    ) -> Vec<&'p NodePlan> {
+        // Node name -> the state of this region's derpers there.
+        let mut on_node: BTreeMap<&str, PodsOnNode> = BTreeMap::new();
+        for pod in self.pods(key) {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+                on_node.entry(node).or_default().add(pod_state(pod));
+            }
+        }
+        let per_node = region.spec.publish.mode == PublishMode::RegionPerNode;
+        let assigned = self.ids.per_node.get(key);
+        let input = self.input;
         let mut map_nodes = Vec::new();
-        for (node_name, plan) in &plans {
+        for (node_name, plan) in plans {
             let no_region = per_node && assigned.is_none_or(|a| !a.contains_key(node_name));
-            let verdict = if !nodes_by_name.contains_key(node_name.as_str())
+            let verdict = if !self.nodes_by_name.contains_key(node_name.as_str())
                 || !plan.has_address()
                 || no_region
             {
@@ -434,12 +553,12 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 Verdict::Out
             } else {
                 node_verdict(
-                    on_node.get(node_name),
-                    selected_names.contains(node_name)
+                    on_node.get(node_name.as_str()),
+                    selected.contains(node_name)
                         && input.previously_published.contains(&plan.derp_name),
                     input.unready_since.get(&plan.derp_name).copied(),
                     input.now,
-                    cfg.not_ready_grace,
+                    self.cfg.not_ready_grace,
                 )
             };
             let in_map = match verdict {
@@ -467,91 +586,41 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 map_nodes.push(plan);
             }
         }
-        let probed = map_nodes.clone();
-        // The prober's verdict moves clients to healthy siblings; it never empties a region (a
-        // prober cut off from every node says more about the prober than about the nodes).
-        if map_nodes
-            .iter()
-            .any(|p| !input.probe_failing.contains(&p.derp_name))
-        {
-            map_nodes.retain(|p| !input.probe_failing.contains(&p.derp_name));
-            for n in &mut facts.nodes {
-                n.ready &= !input.probe_failing.contains(&n.name);
-            }
-        }
-        facts.ready = u32::try_from(map_nodes.len()).unwrap_or(u32::MAX);
-
-        let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
-        facts.not_published = if let Some(c) = ids.conflicts.get(&key) {
-            Some(NotPublished::Conflict(c.clone()))
-        } else if region_id.is_none() {
-            Some(NotPublished::InvalidRegionId(spec.region_id))
-        } else if let Err(why) = &cert {
-            Some(NotPublished::Certificate(why.clone()))
-        } else if map_nodes.is_empty() {
-            Some(if facts.desired == 0 {
-                NotPublished::NoNodeSelected
-            } else {
-                NotPublished::NoReadyNode {
-                    desired: facts.desired,
-                }
-            })
-        } else {
-            None
-        };
-        if let (None, true, Ok(cert)) = (&facts.not_published, per_node, &cert) {
-            for plan in &map_nodes {
-                let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
-                    continue;
-                };
-                let Ok(id) = u32::try_from(*id) else { continue };
-                let node = derp_node(region, id, plan, cert);
-                out.published.insert(node.name.clone());
-                let name = spec.name.as_deref().unwrap_or(&spec.code);
-                out.map.regions.insert(
-                    id,
-                    MapRegion {
-                        region_id: id,
-                        region_code: code.clone(),
-                        region_name: format!("{name} ({})", plan.node_name),
-                        avoid: spec.avoid,
-                        no_measure_no_home: spec.no_measure_no_home,
-                        nodes: vec![node],
-                        ..Default::default()
-                    },
-                );
-            }
-            facts.published = true;
-        } else if let (None, Some(id), Ok(cert)) = (&facts.not_published, region_id, &cert) {
-            let nodes: Vec<DerpNode> = map_nodes
-                .iter()
-                .map(|p| derp_node(region, id, p, cert))
-                .collect();
-            out.published.extend(nodes.iter().map(|n| n.name.clone()));
-            out.probe_targets.insert(
-                key.clone(),
-                probed
-                    .iter()
-                    .map(|p| derp_node(region, id, p, cert))
-                    .collect(),
-            );
-            out.map.regions.insert(
-                id,
-                MapRegion {
-                    region_id: id,
-                    region_code: spec.code.clone(),
-                    region_name: spec.name.clone().unwrap_or_else(|| spec.code.clone()),
-                    avoid: spec.avoid,
-                    no_measure_no_home: spec.no_measure_no_home,
-                    nodes,
-                    ..Default::default()
-                },
-            );
-            facts.published = true;
-        }
-        out.facts.insert(key, facts);
+        map_nodes
     }
-    out
+}
+
+/// `RegionPerNode`: each node in the map is a one-node region of its own, with the id and code
+/// its node holds.
+fn publish_per_node(
+    region: &DerpRegion,
+    assigned: Option<&BTreeMap<String, (i64, String)>>,
+    map_nodes: &[&NodePlan],
+    cert: &CertMark,
+    out: &mut MapOutput,
+) {
+    let spec = &region.spec;
+    let name = spec.name.as_deref().unwrap_or(&spec.code);
+    for plan in map_nodes {
+        let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
+            continue;
+        };
+        let Ok(id) = u32::try_from(*id) else { continue };
+        let node = derp_node(region, id, plan, cert);
+        out.published.insert(node.name.clone());
+        out.map.regions.insert(
+            id,
+            MapRegion {
+                region_id: id,
+                region_code: code.clone(),
+                region_name: format!("{name} ({})", plan.node_name),
+                avoid: spec.avoid,
+                no_measure_no_home: spec.no_measure_no_home,
+                nodes: vec![node],
+                ..Default::default()
+            },
+        );
+    }
 }
 
 /// How the map marks a region's certificate.
@@ -733,6 +802,31 @@ fn oldest_first<R: Borrow<DerpRegion>>(regions: &[R]) -> Vec<&DerpRegion> {
     order
 }
 
+/// The region ids and codes claimed so far, and by whom.
+#[derive(Default)]
+struct Claims {
+    ids: BTreeMap<i64, RegionKey>,
+    codes: BTreeMap<String, RegionKey>,
+}
+
+impl Claims {
+    /// The older claim that keeps `id` or `code` from a newer region (the id is looked at first).
+    fn taken(&self, id: i64, code: &str) -> Option<Conflict> {
+        if let Some(holder) = self.ids.get(&id) {
+            let holder = holder.clone();
+            return Some(Conflict::RegionIdTaken { id, holder });
+        }
+        let holder = self.codes.get(code)?.clone();
+        let code = code.to_string();
+        Some(Conflict::CodeTaken { code, holder })
+    }
+
+    fn claim(&mut self, id: i64, code: &str, by: &RegionKey) {
+        self.ids.insert(id, by.clone());
+        self.codes.insert(code.to_string(), by.clone());
+    }
+}
+
 /// Hands out region ids and codes. Claims are taken oldest region first, so an older region
 /// always wins: a `SharedRegion` region claims its `regionId` and `code` (or is a conflict); a
 /// `RegionPerNode` region keeps the ids its status records for nodes that still exist (an id an
@@ -746,30 +840,17 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
 ) -> IdAssignment {
     let order = oldest_first(regions);
     let mut out = IdAssignment::default();
-    let mut ids: BTreeMap<i64, RegionKey> = BTreeMap::new();
-    let mut codes: BTreeMap<String, RegionKey> = BTreeMap::new();
+    let mut claims = Claims::default();
     for r in &order {
         let key = RegionKey::of(r);
         let spec = &r.spec;
         match spec.publish.mode {
-            PublishMode::SharedRegion => {
-                if let Some(holder) = ids.get(&spec.region_id) {
-                    let why = Conflict::RegionIdTaken {
-                        id: spec.region_id,
-                        holder: holder.clone(),
-                    };
+            PublishMode::SharedRegion => match claims.taken(spec.region_id, &spec.code) {
+                Some(why) => {
                     out.conflicts.insert(key, why);
-                } else if let Some(holder) = codes.get(&spec.code) {
-                    let why = Conflict::CodeTaken {
-                        code: spec.code.clone(),
-                        holder: holder.clone(),
-                    };
-                    out.conflicts.insert(key, why);
-                } else {
-                    ids.insert(spec.region_id, key.clone());
-                    codes.insert(spec.code.clone(), key);
                 }
-            }
+                None => claims.claim(spec.region_id, &spec.code, &key),
+            },
             PublishMode::RegionPerNode => {
                 let recorded = r.status.iter().flat_map(|s| s.node_regions.iter());
                 let mut mine = BTreeMap::new();
@@ -783,20 +864,8 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                             nr.region_id,
                             spec.id_range()
                         ))
-                    } else if let Some(holder) = ids.get(&nr.region_id) {
-                        let holder = holder.clone();
-                        Some(
-                            Conflict::RegionIdTaken {
-                                id: nr.region_id,
-                                holder,
-                            }
-                            .to_string(),
-                        )
                     } else {
-                        codes.get(&nr.code).map(|holder| {
-                            let (code, holder) = (nr.code.clone(), holder.clone());
-                            Conflict::CodeTaken { code, holder }.to_string()
-                        })
+                        claims.taken(nr.region_id, &nr.code).map(|c| c.to_string())
                     };
                     if let Some(why) = lost {
                         out.warnings.entry(key.clone()).or_default().push(format!(
@@ -805,8 +874,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                         ));
                         continue;
                     }
-                    ids.insert(nr.region_id, key.clone());
-                    codes.insert(nr.code.clone(), key.clone());
+                    claims.claim(nr.region_id, &nr.code, &key);
                     mine.insert(nr.node_name.clone(), (nr.region_id, nr.code.clone()));
                 }
                 out.per_node.insert(key, mine);
@@ -830,7 +898,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
             }
             let next = free
                 .by_ref()
-                .find(|id| !ids.contains_key(id) && !codes.contains_key(&spec.code_for(*id)));
+                .find(|id| claims.taken(*id, &spec.code_for(*id)).is_none());
             let Some(id) = next else {
                 out.warnings.entry(key.clone()).or_default().push(format!(
                     "node {} has no region: every id of {:?} is taken (raise publish.maxRegions)",
@@ -839,8 +907,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                 ));
                 continue;
             };
-            ids.insert(id, key.clone());
-            codes.insert(spec.code_for(id), key.clone());
+            claims.claim(id, &spec.code_for(id), &key);
             mine.insert(plan.node_name.clone(), (id, spec.code_for(id)));
         }
     }
