@@ -1214,7 +1214,7 @@ mod tests {
     fn every_status_reason_from_the_map_build() {
         use crate::crd::{SelfSignedMode, SelfSignedSpec};
         use crate::mapbuild::{MapConfig, MapInput, build_map};
-        use crate::preview::derper_pod;
+        use crate::offline::derper_pod;
         use k8s_openapi::api::core::v1::PodCondition;
 
         let now = 1_790_000_000;
