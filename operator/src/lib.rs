@@ -11,6 +11,7 @@ pub mod leader;
 pub mod mapbuild;
 pub mod mapserver;
 pub mod maptask;
+pub mod metrics;
 pub mod offline;
 pub mod probe;
 pub mod prune;
