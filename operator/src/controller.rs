@@ -552,6 +552,11 @@ async fn prune(ctx: &Context, region: &DerpRegion, ns: &str) -> Result<(), Error
     )
     .await
     .map_err(err("deleting a Secret the region no longer uses"))?;
+    prune::adopt_issued_secret(region, &st.secrets, &Api::namespaced(client(), ns), c)
+        .await
+        .map_err(err(
+            "adding the region as owner of the Secret cert-manager issued",
+        ))?;
     let api = Api::namespaced(client(), ns);
     prune::prune_kind(region, prune::Kind::ConfigMap, &st.configmaps, &api, c)
         .await

@@ -244,7 +244,12 @@ impl Rig {
     ) -> (usize, u16) {
         let port: u16 = self.run("rigctl", &["freeport"]).trim().parse().unwrap();
         let log = self.state.join(format!("operator-{identity}.log"));
-        let f = std::fs::File::create(&log).unwrap();
+        // Appended: a replica restarted under the same identity keeps its predecessor's log.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = self
             .cmd(env!("CARGO_BIN_EXE_operator"))
             .args([
