@@ -128,13 +128,17 @@ def flow(a):
     return 0
 
 
+METRICS = re.compile(r"^(derper_(?:clients|accepts_total|home_connections|connections|http_requests_total))(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
+
+
 def metrics(url):
+    """The derper's gauges and counters this harness reads, labelled series summed."""
     vals = {}
     with urllib.request.urlopen(url, timeout=0.4) as r:
         for line in r.read().decode(errors="replace").splitlines():
-            m = re.match(r"^(derper_(?:clients|accepts_total|home_connections|connections))\s+([0-9.eE+-]+)$", line)
+            m = METRICS.match(line)
             if m:
-                vals[m.group(1)] = float(m.group(2))
+                vals[m.group(1)] = vals.get(m.group(1), 0.0) + float(m.group(2))
     return vals
 
 
@@ -222,11 +226,13 @@ def analyze(a):
         pass
     res = []
     conn_re = re.compile(r"magicsock: derp-(\d+) connected; connGen")
+    home_re = re.compile(r"magicsock: home is now derp-(\d+)")
     for s in scen:
         t0, t1 = s["t0"], s["t1"]
         nref = sum(1 for t in refresh if t0 <= t <= t1)
         nerr = sum(1 for t in hs_err if t0 <= t <= t1)
-        # our derpers' accepted connections in the window (a counter; a restarted derper starts at 0)
+        # DERP connections our derpers accepted in the window: TCP accepts less plain HTTP
+        # requests (tailscaled's netcheck latency probes); counters, a restarted derper starts at 0
         acc = 0
         inw = [p for p in polls if t0 <= p["t"] <= t1]
         last = {}
@@ -234,7 +240,7 @@ def analyze(a):
             for d, v in p["derp"].items():
                 if not v or "derper_accepts_total" not in v:
                     continue
-                x = v["derper_accepts_total"]
+                x = v["derper_accepts_total"] - v.get("derper_http_requests_total", 0.0)
                 if d in last:
                     acc += x - last[d] if x >= last[d] else x
                 last[d] = x
@@ -257,7 +263,7 @@ def analyze(a):
             lines = [(t, x) for t, x in tslog[c] if t0 <= t <= t1]
             conns = [conn_re.search(x).group(1) for t, x in lines if conn_re.search(x)]
             redef = sum(1 for t, x in lines if "derp-region-redefined" in x)
-            homes = [re.search(r"home is now derp-(\d+)", x).group(1) for t, x in lines if "home is now derp-" in x]
+            homes = [m.group(1) for m in (home_re.search(x) for t, x in lines) if m]
             pg = longest_gap(pongs[c], t0, t1)
             fg = longest_gap(flows[c], t0, t1)
             cr = {"connects": len(conns), "connect_regions": sorted(set(conns)), "redefined": redef,
@@ -271,7 +277,7 @@ def analyze(a):
     def f(x, unit=""):
         return "-" if x is None else ("%s%s" % (x, unit))
     hdr = ["mode", "scenario", "s", "refreshes", "client", "DERP connects", "region-redefined",
-           "home moves", "longest ping stall", "longest stream stall", "derper accepts (all)",
+           "home moves", "longest ping stall", "longest stream stall", "DERP connections accepted (all derpers)",
            "client map nodes min-max", "usable again / used again", "Headscale fetch errors"]
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -287,6 +293,10 @@ def analyze(a):
                 ("%d-%d" % tuple(cmn) if cmn else "-") if first else "",
                 ("%s / %s" % (f(s["usable_after"], " s"), f(s["used_after"], " s"))) if first else "",
                 str(s["headscale_errors"]) if first else ""]) + " |")
+    print()
+    for s in res:
+        if s["note"]:
+            print("- %s %s: %s" % (s["mode"], s["scenario"], s["note"]))
     return 0
 
 

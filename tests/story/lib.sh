@@ -263,16 +263,17 @@ story_svcproxy() {
   verdict map-service $rc "Service derp-fleet/derp-fleet ($(k -n derp-fleet get svc derp-fleet -o jsonpath='{.spec.clusterIP}'):80, a label) served at $SVCADDR by svcproxy -> $(grep -m1 'endpoints: \[1' "$W/svcproxy.log" | sed 's/.*endpoints: //'); map nodes: $(map_nodes)"
   crit
   nsx curl -sf "$MAPURL" >"$W/derpmap-initial.json"
-  note "map: $(jq -c '.Regions[] | {RegionID, RegionCode, Nodes: [.Nodes[] | {Name, HostName, IPv4, IPv6, DERPPort, STUNPort, CertName: (.CertName // "" | .[0:20])}]}' "$W/derpmap-initial.json")"
+  note "map: $(jq -c '[.Regions[] | {RegionID, RegionCode, Nodes: [.Nodes[] | {Name, HostName, IPv4, IPv6, DERPPort, STUNPort, CertName: (.CertName // "" | .[0:20])}]}]' "$W/derpmap-initial.json")"
 }
 
-# story_headscale: Headscale v0.29.2 on 127.0.0.1 (sqlite in $W/hs), embedded DERP off, a user and
-# a reusable pre-auth key (authkey); check headscale. Its derp section comes from HS_URLS (array,
-# default: MAPURL), HS_PATHS (array, default none) and HS_UPDATE (default 10s); HS_ENV (array of
-# NAME=VALUE) is added to its environment; with STORY_STAMP=1 its log lines carry the Unix time.
-story_headscale() {
-  mapfile -t P < <(nsx "$RIG/bin/rigctl" freeport 2)
-  HSPORT=${P[0]}; GRPCPORT=${P[1]}
+# story_headscale_config: writes $W/hs/config.yaml for Headscale v0.29.2 on 127.0.0.1 (ports
+# HSPORT and GRPCPORT, chosen once), sqlite in $W/hs, embedded DERP off. Its derp section comes
+# from HS_URLS (array, default: MAPURL), HS_PATHS (array, default none) and HS_UPDATE (default 10s).
+story_headscale_config() {
+  if [ -z "${HSPORT:-}" ]; then
+    mapfile -t P < <(nsx "$RIG/bin/rigctl" freeport 2)
+    HSPORT=${P[0]}; GRPCPORT=${P[1]}
+  fi
   [ "${HS_URLS+set}" = set ] || HS_URLS=("$MAPURL")
   [ "${HS_PATHS+set}" = set ] || HS_PATHS=()
   [ "${HS_ENV+set}" = set ] || HS_ENV=()
@@ -314,6 +315,13 @@ log:
 policy:
   path: ""
 EOF
+}
+
+# story_headscale: story_headscale_config, then Headscale started with a user and a reusable
+# pre-auth key (authkey); check headscale. HS_ENV (array of NAME=VALUE) is added to its
+# environment; with STORY_STAMP=1 its log lines carry the Unix time.
+story_headscale() {
+  story_headscale_config
   t=$(now)
   if [ "${STORY_STAMP:-0}" = 1 ]; then
     ip netns exec "$NS" env "${HS_ENV[@]}" "$HSBIN/headscale" -c "$W/hs/config.yaml" serve 2>&1 | stamp >"$W/headscale.log" &
@@ -345,7 +353,9 @@ story_tailscaleds() {
     SOCKS[$n]=${sp[$i]}; i=$((i + 1))
     mkdir -p "$W/ts/$n"
     if [ "${STORY_STAMP:-0}" = 1 ]; then
-      ip netns exec "$NS" "${TSENV[@]}" "$TSBIN/tailscaled" --tun=userspace-networking --statedir="$W/ts/$n" \
+      # TS_DEBUG_LOG_RATE=all: tailscaled rate-limits repeated log formats (5 per 5 s), which would
+      # hide reconnects from a harness that counts them.
+      ip netns exec "$NS" "${TSENV[@]}" TS_DEBUG_LOG_RATE=all "$TSBIN/tailscaled" --tun=userspace-networking --statedir="$W/ts/$n" \
         --socket="$W/ts/$n/tailscaled.sock" --port=0 --no-logs-no-support --socks5-server="127.0.0.1:${SOCKS[$n]}" \
         2>&1 | stamp >"$W/tailscaled-$n.log" &
     else
