@@ -124,7 +124,7 @@ story_netns() {
   # some talk to a service in 203.0.113.0/24: the capture would take the host's own packets for ours).
   TESTNET=
   local peers; peers=$(ss -Htuna 2>/dev/null | awk '{ print $5; print $6 }')
-  for n in 203.0.113 198.51.100 192.0.2; do
+  for n in 198.51.100 203.0.113 192.0.2; do
     ip -4 addr show | grep -q "inet $n\." || ip -4 route show | grep -q "^$n\." || grep -q "^$n\." <<<"$peers" \
       || { TESTNET=$n; break; }
   done
@@ -274,9 +274,10 @@ story_headscale_config() {
     mapfile -t P < <(nsx "$RIG/bin/rigctl" freeport 2)
     HSPORT=${P[0]}; GRPCPORT=${P[1]}
   fi
-  [ "${HS_URLS+set}" = set ] || HS_URLS=("$MAPURL")
-  [ "${HS_PATHS+set}" = set ] || HS_PATHS=()
-  [ "${HS_ENV+set}" = set ] || HS_ENV=()
+  # (declare -p: an empty array counts as set)
+  declare -p HS_URLS >/dev/null 2>&1 || HS_URLS=("$MAPURL")
+  declare -p HS_PATHS >/dev/null 2>&1 || HS_PATHS=()
+  declare -p HS_ENV >/dev/null 2>&1 || HS_ENV=()
   local urls="[]" paths="[]"
   [ "${#HS_URLS[@]}" -gt 0 ] && urls=$(printf '\n  - %s' "${HS_URLS[@]}")
   [ "${#HS_PATHS[@]}" -gt 0 ] && paths=$(printf '\n  - %s' "${HS_PATHS[@]}")
