@@ -294,6 +294,20 @@ def analyze(a):
                 ("%s / %s" % (f(s["usable_after"], " s"), f(s["used_after"], " s"))) if first else "",
                 str(s["headscale_errors"]) if first else ""]) + " |")
     print()
+    # The same, one row per scenario, the clients' figures as a/b/c (the README's table).
+    hdr = ["mode", "scenario", "refreshes", "DERP connects", "region-redefined", "longest ping stall s",
+           "longest stream stall s", "DERP conns accepted", "client map nodes", "usable / used again s"]
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for s in res:
+        cs = [cr for _, cr in sorted(s["clients"].items())]
+        j = lambda k: "/".join(f(cr[k]) for cr in cs)  # noqa: E731
+        cmn = s["client_map_nodes"]
+        print("| " + " | ".join([
+            s["mode"], s["scenario"], str(s["refreshes"]), j("connects"), j("redefined"), j("ping_stall"),
+            j("stream_stall"), str(s["accepts"]), ("%d-%d" % tuple(cmn)) if cmn else "-",
+            "%s / %s" % (f(s["usable_after"]), f(s["used_after"]))]) + " |")
+    print()
     for s in res:
         if s["note"]:
             print("- %s %s: %s" % (s["mode"], s["scenario"], s["note"]))
