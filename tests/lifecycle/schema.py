@@ -419,6 +419,9 @@ def main():
             bad(f"{what}: accepted, want refused")
         else:
             errs = r[1]
+            if any(text == CEL for _, text in expected) and "message" not in rules[key]:
+                bad(f"{what}: the rule has no fixed message (messageExpression?): give the expected text in the case")
+                continue
             want = [(path, rules[key]["message"] if text == CEL else text) for path, text in expected]
             unmatched, missing_errs = list(errs), []
             for path, text in want:
