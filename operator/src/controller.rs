@@ -30,11 +30,12 @@ use crate::crd::{
     CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_HEALTHY, CONDITION_READY,
     DerpRegion, DerpRegionStatus, RegionProbeStatus,
 };
-use crate::mapbuild::{MapOutput, RegionFacts, RegionKey};
+use crate::mapbuild::{Conflict, MapOutput, NotPublished, RegionFacts, RegionKey};
 use crate::probe::ProbeReport;
 use crate::prune;
 use crate::render::{
-    LABEL_REGION, RenderContext, certificate_name, mesh_key_secret_name, render, tls_secret_name,
+    LABEL_REGION, RenderContext, Rendered, certificate_name, mesh_key_secret_name, render,
+    tls_secret_name,
 };
 use crate::select::plan_nodes;
 use crate::tls;
@@ -127,10 +128,6 @@ pub struct Context {
     pub reconciles: std::sync::atomic::AtomicU64,
 }
 
-fn key_of(r: &DerpRegion) -> RegionKey {
-    (r.namespace().unwrap_or_default(), r.name_any())
-}
-
 /// State of the region's certificate, as `CertificateReady` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertState {
@@ -165,7 +162,7 @@ pub async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Act
     if res.is_ok()
         && let Ok(mut f) = ctx.failures.lock()
     {
-        f.remove(&key_of(&region));
+        f.remove(&RegionKey::of(&region));
     }
     res
 }
@@ -176,7 +173,7 @@ pub fn error_policy(region: Arc<DerpRegion>, err: &Error, ctx: Arc<Context>) -> 
         .failures
         .lock()
         .map(|mut f| {
-            let n = f.entry(key_of(&region)).or_insert(0);
+            let n = f.entry(RegionKey::of(&region)).or_insert(0);
             *n = n.saturating_add(1);
             *n
         })
@@ -214,11 +211,51 @@ async fn existing_secret(ctx: &Context, ns: &str, name: &str) -> Result<Option<S
         })
 }
 
+/// One reconcile, in the order the objects depend on each other: read what a re-render must keep
+/// (the Secrets) and the selected nodes, render, apply the Secrets and the mesh ConfigMap, find
+/// (or request) the certificate, apply the DaemonSet that mounts them, prune what the region no
+/// longer uses, and write the status from the map task's facts.
 async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result<Action, Error> {
+    let now_unix = Timestamp::now().as_second();
+    let observed = observe(ctx, region, ns).await?;
+    let rendered = render_region(ctx, region, &observed, now_unix)?;
+    let mut changed = ChangedObjects::default();
+    apply_secrets_and_configmap(ctx, ns, &rendered, &observed, &mut changed).await?;
+    let cert = certificate_state(
+        ctx,
+        region,
+        ns,
+        &rendered,
+        &observed,
+        now_unix,
+        &mut changed,
+    )
+    .await?;
+    apply_daemonset(ctx, ns, &rendered, &mut changed).await?;
+    changed.log();
+    prune(ctx, region, ns).await?;
+    if !write_status(ctx, region, ns, &cert.state).await? {
+        debug!("no map facts for the region yet");
+        return Ok(Action::requeue(FACTS_PENDING_RETRY));
+    }
+    Ok(Action::requeue(if cert.look_again_soon {
+        CERT_WAIT_RETRY
+    } else {
+        RESYNC
+    }))
+}
+
+/// What a render reads besides the region: the Secrets whose content must survive it (a new mesh
+/// key or self-signed certificate would break the region) and the nodes the region selects.
+struct Observed {
+    mesh_key: Option<Secret>,
+    tls: Option<Secret>,
+    nodes: Vec<Node>,
+}
+
+async fn observe(ctx: &Context, region: &DerpRegion, ns: &str) -> Result<Observed, Error> {
     let name = region.name_any();
     let spec = &region.spec;
-    let mut requeue = RESYNC;
-
     let mesh_key = if spec.meshed() {
         existing_secret(ctx, ns, &mesh_key_secret_name(&name)).await?
     } else {
@@ -232,7 +269,7 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
     // Only the nodes this region selects are copied: reconciles run concurrently, and copying
     // every cached Node for each of them grew the operator to gigabytes at 1000 regions over
     // 5000 nodes (bench/operator-scale).
-    let nodes: Vec<Node> = ctx
+    let nodes = ctx
         .stores
         .nodes
         .state()
@@ -240,68 +277,132 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
         .filter(|n| crate::select::selects(spec, n))
         .map(|n| (**n).clone())
         .collect();
+    Ok(Observed {
+        mesh_key,
+        tls,
+        nodes,
+    })
+}
+
+fn render_region(
+    ctx: &Context,
+    region: &DerpRegion,
+    observed: &Observed,
+    now_unix: i64,
+) -> Result<Rendered, Error> {
     let mut r = region.clone();
     if r.spec.image.is_none() {
         r.spec.image = ctx.derper_image.clone();
     }
-    let now_unix = Timestamp::now().as_second();
-    let rendered = render(
-        &r,
-        &RenderContext {
-            nodes: &nodes,
-            existing_mesh_key: mesh_key.as_ref(),
-            existing_tls: tls.as_ref(),
-            now_unix,
-        },
-        &mut rand::rngs::OsRng,
-    )?;
-
-    let client = &ctx.client;
-    let c = &ctx.counters;
-    let mut changed = Vec::new();
-    let mut note = |kind: &str, a: Applied| {
-        if a != Applied::Unchanged {
-            changed.push(format!("{kind}:{a:?}"));
-        }
+    let rctx = RenderContext {
+        nodes: &observed.nodes,
+        existing_mesh_key: observed.mesh_key.as_ref(),
+        existing_tls: observed.tls.as_ref(),
+        now_unix,
     };
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    Ok(render(&r, &rctx, &mut rand::rngs::OsRng)?)
+}
+
+/// The objects a reconcile changed, logged once at its end.
+#[derive(Default)]
+struct ChangedObjects(Vec<String>);
+
+impl ChangedObjects {
+    fn note(&mut self, kind: &str, a: Applied) {
+        if a != Applied::Unchanged {
+            self.0.push(format!("{kind}:{a:?}"));
+        }
+    }
+
+    fn log(&self) {
+        if !self.0.is_empty() {
+            info!(objects = ?self.0, "applied");
+        }
+    }
+}
+
+/// The mesh key Secret, the mesh peers ConfigMap and the self-signed TLS Secret (each when the
+/// region has one): the DaemonSet mounts them.
+async fn apply_secrets_and_configmap(
+    ctx: &Context,
+    ns: &str,
+    rendered: &Rendered,
+    observed: &Observed,
+    changed: &mut ChangedObjects,
+) -> Result<(), Error> {
+    let c = &ctx.counters;
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     if let Some(s) = &rendered.mesh_key_secret {
-        let have = mesh_key.as_ref();
-        note("Secret", apply::apply(&secrets, s, have, c).await?);
+        let have = observed.mesh_key.as_ref();
+        changed.note("Secret", apply::apply(&secrets, s, have, c).await?);
     }
     if let Some(cm) = &rendered.mesh_peers {
         let have = find(&ctx.stores.configmaps, ns, &cm.name_any());
-        let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
-        note(
-            "ConfigMap",
-            apply::apply(&api, cm, have.as_deref(), c).await?,
-        );
+        let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+        let a = apply::apply(&api, cm, have.as_deref(), c).await?;
+        changed.note("ConfigMap", a);
     }
     if let Some(s) = &rendered.tls_secret {
-        note("Secret", apply::apply(&secrets, s, tls.as_ref(), c).await?);
+        let have = observed.tls.as_ref();
+        changed.note("Secret", apply::apply(&secrets, s, have, c).await?);
     }
+    Ok(())
+}
 
-    let cert_state = if spec.tls.issuer_ref.is_some() {
-        let (state, retry) = certificate(ctx, ns, &name, rendered.certificate.as_ref()).await?;
-        if retry {
-            requeue = CERT_WAIT_RETRY;
+async fn apply_daemonset(
+    ctx: &Context,
+    ns: &str,
+    rendered: &Rendered,
+    changed: &mut ChangedObjects,
+) -> Result<(), Error> {
+    let ds = &rendered.daemonset;
+    let have = find(&ctx.stores.daemonsets, ns, &ds.name_any());
+    let api = Api::<DaemonSet>::namespaced(ctx.client.clone(), ns);
+    let a = apply::apply(&api, ds, have.as_deref(), &ctx.counters).await?;
+    changed.note("DaemonSet", a);
+    Ok(())
+}
+
+/// `CertificateReady` for each way a region gets its certificate: cert-manager (`issuerRef`,
+/// the Certificate applied here), a Secret of the user's (`secretName`), or self-signed.
+async fn certificate_state(
+    ctx: &Context,
+    region: &DerpRegion,
+    ns: &str,
+    rendered: &Rendered,
+    observed: &Observed,
+    now_unix: i64,
+    changed: &mut ChangedObjects,
+) -> Result<CertificateOutcome, Error> {
+    let spec = &region.spec;
+    let outcome = |state, look_again_soon| CertificateOutcome {
+        state,
+        applied: None,
+        look_again_soon,
+    };
+    if spec.tls.issuer_ref.is_some() {
+        let name = region.name_any();
+        let cert = certificate(ctx, ns, &name, rendered.certificate.as_ref()).await?;
+        if let Some(a) = cert.applied {
+            changed.note("Certificate", a);
         }
-        if let Some(a) = state.1 {
-            note("Certificate", a);
-        }
-        state.0
-    } else if let Some(secret) = &spec.tls.secret_name {
-        let found = secrets
+        return Ok(cert);
+    }
+    if let Some(secret) = &spec.tls.secret_name {
+        let found = Api::<Secret>::namespaced(ctx.client.clone(), ns)
             .get_opt(secret)
             .await
             .map_err(|source| Error::Kube {
                 what: "reading the tls.secretName Secret",
                 source,
             })?;
-        match found {
-            Some(found) => provided_secret_state(region, &nodes, secret, &found, now_unix),
-            None => {
-                requeue = CERT_WAIT_RETRY;
+        return Ok(match found {
+            Some(found) => {
+                let state =
+                    provided_secret_state(region, &observed.nodes, secret, &found, now_unix);
+                outcome(state, false)
+            }
+            None => outcome(
                 CertState::new(
                     false,
                     "SecretNotFound",
@@ -309,87 +410,83 @@ async fn reconcile_inner(region: &DerpRegion, ns: &str, ctx: &Context) -> Result
                         "Secret {secret} (tls.secretName) does not exist in namespace {ns}; the \
                          derpers cannot start until it does"
                     ),
-                )
-            }
-        }
-    } else if rendered.tls_secret.is_some() {
-        CertState::new(
-            true,
-            "SelfSigned",
-            format!(
-                "self-signed certificate in Secret {}; the map pins it",
-                tls_secret_name(region)
+                ),
+                true,
             ),
-        )
-    } else {
-        CertState::new(
-            false,
-            "NoNodes",
-            "no node is selected yet; the self-signed certificate is made for the first one",
-        )
-    };
-
-    let ds_have = find(&ctx.stores.daemonsets, ns, &rendered.daemonset.name_any());
-    let api = Api::<DaemonSet>::namespaced(client.clone(), ns);
-    note(
-        "DaemonSet",
-        apply::apply(&api, &rendered.daemonset, ds_have.as_deref(), c).await?,
-    );
-    if !changed.is_empty() {
-        info!(objects = ?changed, "applied");
+        });
     }
-    prune(ctx, region, ns).await?;
+    Ok(if rendered.tls_secret.is_some() {
+        let message = format!(
+            "self-signed certificate in Secret {}; the map pins it",
+            tls_secret_name(region)
+        );
+        outcome(CertState::new(true, "SelfSigned", message), false)
+    } else {
+        let message =
+            "no node is selected yet; the self-signed certificate is made for the first one";
+        outcome(CertState::new(false, "NoNodes", message), false)
+    })
+}
 
-    // Status from the map task's facts (what /derpmap.json serves).
+/// Writes the status from the map task's facts (what `/derpmap.json` serves) when it changed,
+/// with an Event per transition a person must know about. `false`: the map task has no facts
+/// for the region yet.
+async fn write_status(
+    ctx: &Context,
+    region: &DerpRegion,
+    ns: &str,
+    cert: &CertState,
+) -> Result<bool, Error> {
+    let key = RegionKey::of(region);
     let facts = ctx
         .map
         .borrow()
         .as_ref()
-        .and_then(|m| m.facts.get(&key_of(region)).cloned());
+        .and_then(|m| m.facts.get(&key).cloned());
     let Some(facts) = facts else {
-        debug!("no map facts for the region yet");
-        return Ok(Action::requeue(FACTS_PENDING_RETRY));
+        return Ok(false);
     };
     let old = region.status.clone();
     let probe = ctx
         .probe
         .borrow()
         .as_ref()
-        .map(|p| p.get(&key_of(region)).cloned().unwrap_or_default());
+        .map(|p| p.get(&key).cloned().unwrap_or_default());
     let new = with_probe(
-        desired_status(region, &facts, &cert_state, old.as_ref(), now_seconds()),
+        desired_status(region, &facts, cert, old.as_ref(), now_seconds()),
         probe,
         ctx.probe_gates_map,
         old.as_ref(),
         now_seconds(),
     );
-    if old.as_ref() != Some(&new) {
-        let api = Api::<DerpRegion>::namespaced(client.clone(), ns);
-        let patch = json!({
-            "apiVersion": "derpfleet.io/v1alpha1",
-            "kind": "DerpRegion",
-            "status": serde_json::to_value(&new)?,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            what: "writing status",
-            source,
-        })?;
-        apply::count_status_write(c);
-        info!(ready = ?new.nodes_ready, "status updated");
-        for ev in transitions(old.as_ref(), &new)
-            .into_iter()
-            .chain(probe_transitions(old.as_ref(), &new, &facts))
-        {
-            publish(ctx, region, ev).await;
-        }
+    if old.as_ref() == Some(&new) {
+        return Ok(true);
     }
-    Ok(Action::requeue(requeue))
+    let api = Api::<DerpRegion>::namespaced(ctx.client.clone(), ns);
+    let patch = json!({
+        "apiVersion": "derpfleet.io/v1alpha1",
+        "kind": "DerpRegion",
+        "status": serde_json::to_value(&new)?,
+    });
+    api.patch_status(
+        &region.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        what: "writing status",
+        source,
+    })?;
+    apply::count_status_write(&ctx.counters);
+    info!(ready = ?new.nodes_ready, "status updated");
+    for ev in transitions(old.as_ref(), &new)
+        .into_iter()
+        .chain(probe_transitions(old.as_ref(), &new, &facts))
+    {
+        publish(ctx, region, ev).await;
+    }
+    Ok(true)
 }
 
 /// `CertificateReady` of a `tls.secretName` region: the Secret holds a certificate that is valid
@@ -494,45 +591,49 @@ pub fn regions_for_secret(
         .collect()
 }
 
-/// The Certificate's state, after applying it when cert-manager is installed. The bool asks
-/// for a sooner look.
+/// What [`certificate`] found and did.
+struct CertificateOutcome {
+    state: CertState,
+    /// What applying the Certificate did (`None`: nothing to apply yet).
+    applied: Option<Applied>,
+    /// Look again within [`CERT_WAIT_RETRY`] rather than [`RESYNC`]: waiting on cert-manager.
+    look_again_soon: bool,
+}
+
+/// The Certificate's state, after applying it when cert-manager is installed.
 async fn certificate(
     ctx: &Context,
     ns: &str,
     name: &str,
     desired: Option<&DynamicObject>,
-) -> Result<((CertState, Option<Applied>), bool), Error> {
+) -> Result<CertificateOutcome, Error> {
     if !ctx.cert_crd.load(Ordering::Relaxed) {
         // Installed since the last look? (the Certificate watch starts on its own once it is).
         if cert_crd_installed(&ctx.client).await {
             ctx.cert_crd.store(true, Ordering::Relaxed);
         } else {
-            return Ok((
-                (
-                    CertState::new(
-                        false,
-                        "CertManagerMissing",
-                        "cert-manager is not installed (no certificates.cert-manager.io/v1 API): \
-                         install cert-manager, or use tls.selfSigned or tls.secretName",
-                    ),
-                    None,
+            return Ok(CertificateOutcome {
+                state: CertState::new(
+                    false,
+                    "CertManagerMissing",
+                    "cert-manager is not installed (no certificates.cert-manager.io/v1 API): \
+                     install cert-manager, or use tls.selfSigned or tls.secretName",
                 ),
-                true,
-            ));
+                applied: None,
+                look_again_soon: true,
+            });
         }
     }
     let Some(desired) = desired else {
-        return Ok((
-            (
-                CertState::new(
-                    false,
-                    "NoNodes",
-                    "no node is selected yet; the Certificate is requested once one is",
-                ),
-                None,
+        return Ok(CertificateOutcome {
+            state: CertState::new(
+                false,
+                "NoNodes",
+                "no node is selected yet; the Certificate is requested once one is",
             ),
-            false,
-        ));
+            applied: None,
+            look_again_soon: false,
+        });
     };
     let cname = certificate_name(name);
     let have = ctx
@@ -589,8 +690,11 @@ async fn certificate(
             format!("waiting for cert-manager to issue Certificate {cname}"),
         ),
     };
-    let retry = !state.ready;
-    Ok(((state, Some(applied)), retry))
+    Ok(CertificateOutcome {
+        look_again_soon: !state.ready,
+        state,
+        applied: Some(applied),
+    })
 }
 
 /// Whether the API server serves `certificates.cert-manager.io/v1`.
@@ -633,6 +737,83 @@ fn condition(
     }
 }
 
+/// Reason of the `Ready` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyReason {
+    Published,
+    Conflict,
+    NoNodeSelected,
+    WaitingForCertificate,
+    InvalidRegionID,
+    NoReadyNode,
+}
+
+impl ReadyReason {
+    /// The reason for the map's facts: the one place a [`NotPublished`] becomes a reason.
+    pub fn of(facts: &RegionFacts) -> Self {
+        match &facts.not_published {
+            _ if facts.published => Self::Published,
+            Some(NotPublished::Conflict(_)) => Self::Conflict,
+            // With no node selected a self-signed region has no certificate yet either (it is
+            // made for the first node): the selection is what a person must change first.
+            _ if facts.desired == 0 => Self::NoNodeSelected,
+            Some(NotPublished::Certificate(_)) => Self::WaitingForCertificate,
+            Some(NotPublished::InvalidRegionId(_)) => Self::InvalidRegionID,
+            Some(NotPublished::NoNodeSelected) => Self::NoNodeSelected,
+            Some(NotPublished::NoReadyNode { .. }) | None => Self::NoReadyNode,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Published => "Published",
+            Self::Conflict => "Conflict",
+            Self::NoNodeSelected => "NoNodeSelected",
+            Self::WaitingForCertificate => "WaitingForCertificate",
+            Self::InvalidRegionID => "InvalidRegionID",
+            Self::NoReadyNode => "NoReadyNode",
+        }
+    }
+}
+
+impl std::fmt::Display for ReadyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reason of the `Conflict` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictReason {
+    Unique,
+    RegionIDTaken,
+    RegionCodeTaken,
+}
+
+impl ConflictReason {
+    pub fn of(conflict: Option<&Conflict>) -> Self {
+        match conflict {
+            None => Self::Unique,
+            Some(Conflict::RegionIdTaken { .. }) => Self::RegionIDTaken,
+            Some(Conflict::CodeTaken { .. }) => Self::RegionCodeTaken,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unique => "Unique",
+            Self::RegionIDTaken => "RegionIDTaken",
+            Self::RegionCodeTaken => "RegionCodeTaken",
+        }
+    }
+}
+
+impl std::fmt::Display for ConflictReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The status a region should have, given the map's facts and its certificate. Pure.
 pub fn desired_status(
     region: &DerpRegion,
@@ -644,7 +825,7 @@ pub fn desired_status(
     let generation = region.metadata.generation;
     let (ready_reason, ready_msg) = if facts.published {
         (
-            "Published",
+            ReadyReason::Published,
             format!(
                 "{} of {} nodes are in the DERP map",
                 facts.ready, facts.desired
@@ -652,38 +833,27 @@ pub fn desired_status(
         )
     } else {
         let why = facts
-            .not_published_reason
-            .clone()
-            .unwrap_or_else(|| "not in the DERP map".into());
-        let reason = if facts.conflict.is_some() {
-            "Conflict"
-        } else if facts.desired == 0 {
-            "NoNodeSelected"
-        } else if why.contains("certificate") || why.contains("Secret") {
-            "WaitingForCertificate"
-        } else if why.contains("out of range") {
-            "InvalidRegionID"
-        } else {
-            "NoReadyNode"
-        };
-        (reason, format!("not in the DERP map: {why}"))
+            .not_published
+            .as_ref()
+            .map_or_else(|| "not in the DERP map".into(), ToString::to_string);
+        (
+            ReadyReason::of(facts),
+            format!("not in the DERP map: {why}"),
+        )
     };
-    let (conflict_reason, conflict_msg) = match &facts.conflict {
-        Some(c) if c.starts_with("code") => ("RegionCodeTaken", c.clone()),
-        Some(c) => ("RegionIDTaken", c.clone()),
-        None => (
-            "Unique",
-            format!(
-                "regionId {} and code {:?} belong to this region alone",
-                region.spec.region_id, region.spec.code
-            ),
+    let conflict = facts.conflict();
+    let conflict_msg = match conflict {
+        Some(c) => c.to_string(),
+        None => format!(
+            "regionId {} and code {:?} belong to this region alone",
+            region.spec.region_id, region.spec.code
         ),
     };
     let conditions = vec![
         condition(
             CONDITION_READY,
             facts.published,
-            ready_reason,
+            ready_reason.as_str(),
             ready_msg,
             generation,
             old,
@@ -700,8 +870,8 @@ pub fn desired_status(
         ),
         condition(
             CONDITION_CONFLICT,
-            facts.conflict.is_some(),
-            conflict_reason,
+            conflict.is_some(),
+            ConflictReason::of(conflict).as_str(),
             conflict_msg,
             generation,
             old,
@@ -709,7 +879,7 @@ pub fn desired_status(
         ),
     ];
     let mut message: Vec<String> = Vec::new();
-    if let Some(why) = &facts.not_published_reason {
+    if let Some(why) = &facts.not_published {
         message.push(format!("not in the DERP map: {why}"));
     }
     message.extend(facts.warnings.iter().cloned());
@@ -975,8 +1145,7 @@ mod tests {
                 ready: ready > 0,
             }],
             published: ready > 0,
-            not_published_reason: (ready == 0)
-                .then(|| format!("none of the {desired} selected nodes has a Ready derper")),
+            not_published: (ready == 0).then_some(NotPublished::NoReadyNode { desired }),
             ..Default::default()
         }
     }
@@ -1028,8 +1197,10 @@ mod tests {
         assert_eq!(evs[0].type_, EventType::Warning);
 
         let mut f = facts(0, 3);
-        f.conflict = Some("regionId 900 is already held by the older DerpRegion derp/old".into());
-        f.not_published_reason = f.conflict.clone();
+        f.not_published = Some(NotPublished::Conflict(Conflict::RegionIdTaken {
+            id: 900,
+            holder: RegionKey::new("derp", "old"),
+        }));
         let c = desired_status(&r, &f, &cert(), Some(&first), ts(200));
         assert_eq!(c.conditions[0].reason, "Conflict");
         assert_eq!(c.conditions[2].status, "True");
@@ -1042,6 +1213,169 @@ mod tests {
             reasons.contains(&"RegionConflict".to_string()),
             "{reasons:?}"
         );
+    }
+
+    /// Every `Ready` and `Conflict` reason, from the map builder's facts to the status a
+    /// reconcile writes (`build_map`, then `desired_status`, as the map task and the controller
+    /// chain them).
+    #[test]
+    fn every_status_reason_from_the_map_build() {
+        use crate::crd::{SelfSignedMode, SelfSignedSpec};
+        use crate::mapbuild::{MapConfig, MapInput, build_map};
+        use crate::preview::derper_pod;
+        use k8s_openapi::api::core::v1::PodCondition;
+
+        let now = 1_790_000_000;
+        let make = |name: &str, id: i64, created: i64, pinned: bool| {
+            let mut r = region(name, id);
+            if !pinned {
+                r.spec.tls.self_signed = Some(SelfSignedSpec {
+                    mode: SelfSignedMode::InsecureForTests,
+                });
+            }
+            r.metadata.creation_timestamp = Some(Time(ts(created)));
+            r
+        };
+        let nowhere = |mut r: DerpRegion| {
+            r.spec.node_selector = [("derp".to_string(), "nowhere".to_string())].into();
+            r
+        };
+        let mut code_taken = make("code-taken", 901, 3, false);
+        code_taken.spec.code = "published".into();
+        let regions = [
+            make("published", 900, 1, false),
+            make("id-taken", 900, 2, false),
+            code_taken,
+            nowhere(make("no-node", 902, 4, false)),
+            // Pinned (self-signed) without its Secret yet.
+            make("pinned", 903, 5, true),
+            // With no node the Secret cannot exist either: the selection is the reason.
+            nowhere(make("pinned-no-node", 904, 6, true)),
+            // The CRD's validation refuses it on an API server; `operator render` reads files.
+            make("invalid", 0, 7, false),
+            make("unready", 905, 8, false),
+        ];
+        let nodes = [crate::testutil::node("a", &[("InternalIP", "10.0.0.1")])];
+        // A derper on every node a region selects (a derper still running on a node its
+        // region no longer selects keeps the node published until the DaemonSet removes it).
+        let pods: Vec<Arc<Pod>> = regions
+            .iter()
+            .filter(|r| r.spec.node_selector.is_empty())
+            .map(|r| {
+                let ready = if r.name_any() == "unready" {
+                    "False"
+                } else {
+                    "True"
+                };
+                let cond = PodCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..Default::default()
+                };
+                Arc::new(derper_pod("derp", &r.name_any(), "a", cond))
+            })
+            .collect();
+        let out = build_map(
+            &MapInput {
+                regions: &regions.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                nodes: &nodes.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                pods: &pods,
+                secrets: &[],
+                previously_published: &Default::default(),
+                unready_since: &Default::default(),
+                now: ts(now),
+                probe_failing: &Default::default(),
+            },
+            &MapConfig::default(),
+        );
+        let want = [
+            (
+                "published",
+                "Published",
+                "Unique",
+                "1 of 1 nodes are in the DERP map",
+            ),
+            (
+                "id-taken",
+                "Conflict",
+                "RegionIDTaken",
+                "regionId 900 is already held by the older DerpRegion derp/published",
+            ),
+            (
+                "code-taken",
+                "Conflict",
+                "RegionCodeTaken",
+                "code \"published\" is already held by the older DerpRegion derp/published",
+            ),
+            ("no-node", "NoNodeSelected", "Unique", "no node matches"),
+            (
+                "pinned",
+                "WaitingForCertificate",
+                "Unique",
+                "waiting for the self-signed certificate Secret pinned-derper-tls",
+            ),
+            (
+                "pinned-no-node",
+                "NoNodeSelected",
+                "Unique",
+                "not in the DERP map",
+            ),
+            (
+                "invalid",
+                "InvalidRegionID",
+                "Unique",
+                "regionId 0 is out of range",
+            ),
+            (
+                "unready",
+                "NoReadyNode",
+                "Unique",
+                "none of the 1 selected nodes has a Ready derper",
+            ),
+        ];
+        for (name, ready, conflict, message) in want {
+            let r = regions.iter().find(|r| r.name_any() == name).unwrap();
+            let f = &out.facts[&RegionKey::of(r)];
+            let s = desired_status(r, f, &cert(), None, ts(now));
+            assert_eq!(
+                condition_of(&s, CONDITION_READY),
+                (
+                    if ready == "Published" {
+                        "True"
+                    } else {
+                        "False"
+                    }
+                    .into(),
+                    ready.into()
+                ),
+                "{name}: {s:?}"
+            );
+            assert_eq!(
+                condition_of(&s, CONDITION_CONFLICT),
+                (
+                    if conflict == "Unique" {
+                        "False"
+                    } else {
+                        "True"
+                    }
+                    .into(),
+                    conflict.into()
+                ),
+                "{name}: {s:?}"
+            );
+            let said = s
+                .conditions
+                .iter()
+                .filter(|c| c.type_ != CONDITION_CERTIFICATE_READY)
+                .any(|c| c.message.contains(message));
+            assert!(said, "{name}: no condition says {message:?}: {s:?}");
+            // A region that is not published says so in status.message too.
+            assert_eq!(s.message.is_some(), ready != "Published", "{name}: {s:?}");
+        }
+        // The map holds the winner alone.
+        let ids: Vec<u32> = out.map.regions.keys().copied().collect();
+        assert_eq!(ids, [900]);
+        assert_eq!(out.map.regions[&900].region_code, "published");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use derp_proto::derpmap::{DerpMap, DerpNode, DerpRegion as MapRegion};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 
 use crate::crd::{
     DerpRegion, NodeRegion, PORT_DISABLED, PublishMode, PublishedNode, SelfSignedMode,
@@ -35,8 +37,118 @@ use crate::tls;
 /// Region id of Headscale's embedded DERP server by default; it wins any collision there.
 pub const HEADSCALE_EMBEDDED_REGION_ID: i64 = 999;
 
-/// `(namespace, name)` of a DerpRegion.
-pub type RegionKey = (String, String);
+/// Where a DerpRegion lives: its namespace and name (ordered by namespace, then name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl RegionKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of `region` (a region without a namespace, as `operator render` may read one,
+    /// gets the empty one).
+    pub fn of(region: &DerpRegion) -> Self {
+        Self::new(region.namespace().unwrap_or_default(), region.name_any())
+    }
+
+    /// The reference the controller's `reconcile_on` and the reflector stores take.
+    pub fn object_ref(&self) -> ObjectRef<DerpRegion> {
+        ObjectRef::new(&self.name).within(&self.namespace)
+    }
+}
+
+impl fmt::Display for RegionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why an older DerpRegion keeps this one out of the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    RegionIdTaken { id: i64, holder: RegionKey },
+    CodeTaken { code: String, holder: RegionKey },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let holder = match self {
+            Self::RegionIdTaken { id, holder } => {
+                write!(f, "regionId {id}")?;
+                holder
+            }
+            Self::CodeTaken { code, holder } => {
+                write!(f, "code {code:?}")?;
+                holder
+            }
+        };
+        write!(f, " is already held by the older DerpRegion {holder}")
+    }
+}
+
+/// Why a region's self-signed certificate cannot be pinned in the map yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertWait {
+    /// The operator has not written the Secret yet (it does for the first selected node).
+    NoSecret {
+        secret: String,
+    },
+    NoTlsCrt {
+        secret: String,
+    },
+    Unreadable {
+        secret: String,
+        error: String,
+    },
+}
+
+impl fmt::Display for CertWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSecret { secret } => {
+                write!(f, "waiting for the self-signed certificate Secret {secret}")
+            }
+            Self::NoTlsCrt { secret } => write!(f, "Secret {secret} has no tls.crt"),
+            Self::Unreadable { secret, error } => write!(f, "Secret {secret}: {error}"),
+        }
+    }
+}
+
+/// Why a region is not in the map, first cause first (see [`build_map`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotPublished {
+    Conflict(Conflict),
+    /// `regionId` is no DERP region id (the CRD's validation keeps such a region out of the API
+    /// server; `operator render` reads files).
+    InvalidRegionId(i64),
+    Certificate(CertWait),
+    NoNodeSelected,
+    /// None of the `desired` selected nodes has a derper that is Ready (or in its grace).
+    NoReadyNode {
+        desired: u32,
+    },
+}
+
+impl fmt::Display for NotPublished {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Conflict(c) => c.fmt(f),
+            Self::InvalidRegionId(id) => write!(f, "regionId {id} is out of range"),
+            Self::Certificate(c) => c.fmt(f),
+            Self::NoNodeSelected => f.write_str("no node matches the region's node selection"),
+            Self::NoReadyNode { desired } => {
+                write!(f, "none of the {desired} selected nodes has a Ready derper")
+            }
+        }
+    }
+}
 
 /// A published node whose derper pod is gone (deleted, evicted) while the region still selects the
 /// node stays this long for the DaemonSet to replace the pod (it does within seconds); past it,
@@ -102,15 +214,23 @@ pub struct RegionFacts {
     pub ready: u32,
     /// Selected nodes and nodes running a derper of the region, sorted by node name.
     pub nodes: Vec<PublishedNode>,
-    /// Set when another, older DerpRegion holds the id or code.
-    pub conflict: Option<String>,
     /// `RegionPerNode`: the region each node holds (for `status.nodeRegions`).
     pub node_regions: Vec<NodeRegion>,
     /// Whether the region is in the map.
     pub published: bool,
     /// Why it is not in the map, when it is not.
-    pub not_published_reason: Option<String>,
+    pub not_published: Option<NotPublished>,
     pub warnings: Vec<String>,
+}
+
+impl RegionFacts {
+    /// The older DerpRegion's claim that keeps this one out, if any (it is the first cause).
+    pub fn conflict(&self) -> Option<&Conflict> {
+        match &self.not_published {
+            Some(NotPublished::Conflict(c)) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -127,10 +247,6 @@ pub struct MapOutput {
     /// Per published region, its nodes as the map would list them without the probe gate: what
     /// the prober probes (a gated node must still be probed to come back).
     pub probe_targets: BTreeMap<RegionKey, Vec<DerpNode>>,
-}
-
-fn region_key(r: &DerpRegion) -> RegionKey {
-    (r.namespace().unwrap_or_default(), r.name_any())
 }
 
 /// The nodes by the label pairs some region's `nodeSelector` names: a region then looks only at
@@ -202,14 +318,40 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         .regions
         .iter()
         .filter(|r| r.metadata.deletion_timestamp.is_none())
-        .map(|r| (region_key(r), plan_nodes(&r.spec, node_index.candidates(r))))
+        .map(|r| {
+            (
+                RegionKey::of(r),
+                plan_nodes(&r.spec, node_index.candidates(r)),
+            )
+        })
         .collect();
     let ids = assign_ids(input.regions, &selection, &|n| {
         nodes_by_name.contains_key(n)
     });
-    // Our pods by (namespace, region), in input order; and the Secrets by (namespace, name).
-    let mut pods_of: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
-    for pod in input.pods {
+    let build = Build {
+        input,
+        cfg,
+        nodes_by_name,
+        pods_of: pods_by_region(input.pods),
+        secrets: secrets_by_name(input.secrets),
+        ids,
+    };
+    for region in input.regions {
+        if region.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let key = RegionKey::of(region);
+        let selected = selection.remove(&key).unwrap_or_default();
+        let facts = build.region(region, &key, selected, &mut out);
+        out.facts.insert(key, facts);
+    }
+    out
+}
+
+/// Our derper pods by (namespace, region), in input order.
+fn pods_by_region(pods: &[Arc<Pod>]) -> HashMap<(&str, &str), Vec<&Pod>> {
+    let mut out: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    for pod in pods {
         let labels = pod.labels();
         if labels.get(LABEL_NAME).map(String::as_str) != Some(APP_NAME) {
             continue;
@@ -217,33 +359,47 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
         if let (Some(ns), Some(region)) =
             (pod.metadata.namespace.as_deref(), labels.get(LABEL_REGION))
         {
-            pods_of.entry((ns, region)).or_default().push(pod);
+            out.entry((ns, region)).or_default().push(pod);
         }
     }
-    let secrets: HashMap<(&str, &str), &Secret> = input
-        .secrets
+    out
+}
+
+/// The Secrets by (namespace, name).
+fn secrets_by_name(secrets: &[Arc<Secret>]) -> HashMap<(&str, &str), &Secret> {
+    secrets
         .iter()
         .filter_map(|s| {
-            Some((
-                (
-                    s.metadata.namespace.as_deref()?,
-                    s.metadata.name.as_deref()?,
-                ),
-                &**s,
-            ))
+            let ns = s.metadata.namespace.as_deref()?;
+            Some(((ns, s.metadata.name.as_deref()?), &**s))
         })
-        .collect();
-    for region in input.regions {
-        if region.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let key = region_key(region);
+        .collect()
+}
+
+/// What one build looks regions up in.
+struct Build<'a> {
+    input: &'a MapInput<'a>,
+    cfg: &'a MapConfig,
+    nodes_by_name: BTreeMap<&'a str, &'a Node>,
+    pods_of: HashMap<(&'a str, &'a str), Vec<&'a Pod>>,
+    secrets: HashMap<(&'a str, &'a str), &'a Secret>,
+    ids: IdAssignment,
+}
+
+impl Build<'_> {
+    /// One region: which of its nodes are in the map, whether it is published (into `out`), and
+    /// the facts its status reports.
+    fn region(
+        &self,
+        region: &DerpRegion,
+        key: &RegionKey,
+        selected: Vec<NodePlan>,
+        out: &mut MapOutput,
+    ) -> RegionFacts {
         let spec = &region.spec;
-        let per_node = spec.publish.mode == PublishMode::RegionPerNode;
-        let assigned = ids.per_node.get(&key);
+        let assigned = self.ids.per_node.get(key);
         let mut facts = RegionFacts {
-            conflict: ids.conflicts.get(&key).cloned(),
-            warnings: ids.warnings.get(&key).cloned().unwrap_or_default(),
+            warnings: self.ids.warnings.get(key).cloned().unwrap_or_default(),
             node_regions: assigned
                 .map(|a| {
                     a.iter()
@@ -255,6 +411,7 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                         .collect()
                 })
                 .unwrap_or_default(),
+            desired: u32::try_from(selected.len()).unwrap_or(u32::MAX),
             ..Default::default()
         };
         if spec.id_range().contains(&HEADSCALE_EMBEDDED_REGION_ID) {
@@ -264,49 +421,131 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                     .into(),
             );
         }
-        let selected = selection.remove(&key).unwrap_or_default();
-        facts.desired = u32::try_from(selected.len()).unwrap_or(u32::MAX);
-
-        // Node name -> the state of this region's derpers there.
-        let mut on_node: BTreeMap<String, PodsOnNode> = BTreeMap::new();
-        let pods = pods_of
-            .get(&(key.0.as_str(), key.1.as_str()))
-            .map_or(&[][..], Vec::as_slice);
-        for pod in pods {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-                continue;
-            };
-            on_node.entry(node).or_default().add(pod_state(pod));
+        let selected_names: BTreeSet<String> =
+            selected.iter().map(|p| p.node_name.clone()).collect();
+        let plans = self.node_plans(region, key, selected, assigned);
+        let probed = self.nodes_in_map(region, key, &plans, &selected_names, &mut facts, out);
+        // The prober's verdict moves clients to healthy siblings; it never empties a region (a
+        // prober cut off from every node says more about the prober than about the nodes).
+        let failing = self.input.probe_failing;
+        let mut map_nodes = probed.clone();
+        if map_nodes.iter().any(|p| !failing.contains(&p.derp_name)) {
+            map_nodes.retain(|p| !failing.contains(&p.derp_name));
+            for n in &mut facts.nodes {
+                n.ready &= !failing.contains(&n.name);
+            }
         }
+        facts.ready = u32::try_from(map_nodes.len()).unwrap_or(u32::MAX);
 
-        // The nodes to report: selected ones plus any that still run one of our pods.
+        let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
+        let cert = region_cert(region, &self.secrets);
+        facts.not_published = if let Some(c) = self.ids.conflicts.get(key) {
+            Some(NotPublished::Conflict(c.clone()))
+        } else if region_id.is_none() {
+            Some(NotPublished::InvalidRegionId(spec.region_id))
+        } else if let Err(why) = &cert {
+            Some(NotPublished::Certificate(why.clone()))
+        } else if map_nodes.is_empty() {
+            Some(if facts.desired == 0 {
+                NotPublished::NoNodeSelected
+            } else {
+                NotPublished::NoReadyNode {
+                    desired: facts.desired,
+                }
+            })
+        } else {
+            None
+        };
+        if let (None, Some(id), Ok(cert)) = (&facts.not_published, region_id, &cert) {
+            if spec.publish.mode == PublishMode::RegionPerNode {
+                publish_per_node(region, assigned, &map_nodes, cert, out);
+            } else {
+                let node = |p: &&NodePlan| derp_node(region, id, p, cert);
+                let nodes: Vec<DerpNode> = map_nodes.iter().map(node).collect();
+                out.published.extend(nodes.iter().map(|n| n.name.clone()));
+                out.probe_targets
+                    .insert(key.clone(), probed.iter().map(node).collect());
+                out.map.regions.insert(
+                    id,
+                    MapRegion {
+                        region_id: id,
+                        region_code: spec.code.clone(),
+                        region_name: spec.name.clone().unwrap_or_else(|| spec.code.clone()),
+                        avoid: spec.avoid,
+                        no_measure_no_home: spec.no_measure_no_home,
+                        nodes,
+                        ..Default::default()
+                    },
+                );
+            }
+            facts.published = true;
+        }
+        facts
+    }
+
+    /// The nodes to report, by node name: the selected ones plus any that still run one of the
+    /// region's pods. In `RegionPerNode` mode each DERP name carries the id of its node's own
+    /// region (a node without one, the range being full, is reported but not published).
+    fn node_plans(
+        &self,
+        region: &DerpRegion,
+        key: &RegionKey,
+        selected: Vec<NodePlan>,
+        assigned: Option<&BTreeMap<String, (i64, String)>>,
+    ) -> BTreeMap<String, NodePlan> {
         let mut plans: BTreeMap<String, NodePlan> = selected
             .into_iter()
             .map(|p| (p.node_name.clone(), p))
             .collect();
-        let selected_names: BTreeSet<String> = plans.keys().cloned().collect();
-        for node in on_node.keys() {
-            if !plans.contains_key(node)
-                && let Some(n) = nodes_by_name.get(node.as_str())
+        for pod in self.pods(key) {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                && !plans.contains_key(node)
+                && let Some(n) = self.nodes_by_name.get(node)
             {
-                plans.insert(node.clone(), plan_node(spec, n));
+                plans.insert(node.to_string(), plan_node(&region.spec, n));
             }
         }
-        if per_node {
-            // A node's DERP name carries the id of its own region; a node without one (the
-            // range is full) is reported but not published.
+        if region.spec.publish.mode == PublishMode::RegionPerNode {
             for (node, plan) in plans.iter_mut() {
                 if let Some((id, _)) = assigned.and_then(|a| a.get(node)) {
                     plan.derp_name = crate::select::derp_node_name(*id, node);
                 }
             }
         }
+        plans
+    }
 
-        let cert = region_cert(region, &secrets);
+    fn pods<'s>(&'s self, key: &'s RegionKey) -> &'s [&'s Pod] {
+        self.pods_of
+            .get(&(key.namespace.as_str(), key.name.as_str()))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Decides for each planned node whether it is in the map (before the probe gate), records
+    /// it in `facts.nodes`, and keeps the NotReady graces in `out`. Returns the nodes in the map.
+    fn nodes_in_map<'p>(
+        &self,
+        region: &DerpRegion,
+        key: &RegionKey,
+        plans: &'p BTreeMap<String, NodePlan>,
+        selected: &BTreeSet<String>,
+        facts: &mut RegionFacts,
+        out: &mut MapOutput,
+    ) -> Vec<&'p NodePlan> {
+        // Node name -> the state of this region's derpers there.
+        let mut on_node: BTreeMap<&str, PodsOnNode> = BTreeMap::new();
+        for pod in self.pods(key) {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+                on_node.entry(node).or_default().add(pod_state(pod));
+            }
+        }
+        let per_node = region.spec.publish.mode == PublishMode::RegionPerNode;
+        let assigned = self.ids.per_node.get(key);
+        let input = self.input;
         let mut map_nodes = Vec::new();
-        for (node_name, plan) in &plans {
+        for (node_name, plan) in plans {
             let no_region = per_node && assigned.is_none_or(|a| !a.contains_key(node_name));
-            let verdict = if !nodes_by_name.contains_key(node_name.as_str())
+            let verdict = if !self.nodes_by_name.contains_key(node_name.as_str())
                 || !plan.has_address()
                 || no_region
             {
@@ -314,12 +553,12 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 Verdict::Out
             } else {
                 node_verdict(
-                    on_node.get(node_name),
-                    selected_names.contains(node_name)
+                    on_node.get(node_name.as_str()),
+                    selected.contains(node_name)
                         && input.previously_published.contains(&plan.derp_name),
                     input.unready_since.get(&plan.derp_name).copied(),
                     input.now,
-                    cfg.not_ready_grace,
+                    self.cfg.not_ready_grace,
                 )
             };
             let in_map = match verdict {
@@ -347,92 +586,41 @@ pub fn build_map(input: &MapInput<'_>, cfg: &MapConfig) -> MapOutput {
                 map_nodes.push(plan);
             }
         }
-        let probed = map_nodes.clone();
-        // The prober's verdict moves clients to healthy siblings; it never empties a region (a
-        // prober cut off from every node says more about the prober than about the nodes).
-        if map_nodes
-            .iter()
-            .any(|p| !input.probe_failing.contains(&p.derp_name))
-        {
-            map_nodes.retain(|p| !input.probe_failing.contains(&p.derp_name));
-            for n in &mut facts.nodes {
-                n.ready &= !input.probe_failing.contains(&n.name);
-            }
-        }
-        facts.ready = u32::try_from(map_nodes.len()).unwrap_or(u32::MAX);
-
-        let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
-        facts.not_published_reason = if let Some(c) = &facts.conflict {
-            Some(c.clone())
-        } else if region_id.is_none() {
-            Some(format!("regionId {} is out of range", spec.region_id))
-        } else if let Err(why) = &cert {
-            Some(why.clone())
-        } else if map_nodes.is_empty() {
-            Some(if facts.desired == 0 {
-                "no node matches the region's node selection".into()
-            } else {
-                format!(
-                    "none of the {} selected nodes has a Ready derper",
-                    facts.desired
-                )
-            })
-        } else {
-            None
-        };
-        if let (None, true, Ok(cert)) = (&facts.not_published_reason, per_node, &cert) {
-            for plan in &map_nodes {
-                let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
-                    continue;
-                };
-                let Ok(id) = u32::try_from(*id) else { continue };
-                let node = derp_node(region, id, plan, cert);
-                out.published.insert(node.name.clone());
-                let name = spec.name.as_deref().unwrap_or(&spec.code);
-                out.map.regions.insert(
-                    id,
-                    MapRegion {
-                        region_id: id,
-                        region_code: code.clone(),
-                        region_name: format!("{name} ({})", plan.node_name),
-                        avoid: spec.avoid,
-                        no_measure_no_home: spec.no_measure_no_home,
-                        nodes: vec![node],
-                        ..Default::default()
-                    },
-                );
-            }
-            facts.published = true;
-        } else if let (None, Some(id), Ok(cert)) = (&facts.not_published_reason, region_id, &cert) {
-            let nodes: Vec<DerpNode> = map_nodes
-                .iter()
-                .map(|p| derp_node(region, id, p, cert))
-                .collect();
-            out.published.extend(nodes.iter().map(|n| n.name.clone()));
-            out.probe_targets.insert(
-                key.clone(),
-                probed
-                    .iter()
-                    .map(|p| derp_node(region, id, p, cert))
-                    .collect(),
-            );
-            out.map.regions.insert(
-                id,
-                MapRegion {
-                    region_id: id,
-                    region_code: spec.code.clone(),
-                    region_name: spec.name.clone().unwrap_or_else(|| spec.code.clone()),
-                    avoid: spec.avoid,
-                    no_measure_no_home: spec.no_measure_no_home,
-                    nodes,
-                    ..Default::default()
-                },
-            );
-            facts.published = true;
-        }
-        out.facts.insert(key, facts);
+        map_nodes
     }
-    out
+}
+
+/// `RegionPerNode`: each node in the map is a one-node region of its own, with the id and code
+/// its node holds.
+fn publish_per_node(
+    region: &DerpRegion,
+    assigned: Option<&BTreeMap<String, (i64, String)>>,
+    map_nodes: &[&NodePlan],
+    cert: &CertMark,
+    out: &mut MapOutput,
+) {
+    let spec = &region.spec;
+    let name = spec.name.as_deref().unwrap_or(&spec.code);
+    for plan in map_nodes {
+        let Some((id, code)) = assigned.and_then(|a| a.get(&plan.node_name)) else {
+            continue;
+        };
+        let Ok(id) = u32::try_from(*id) else { continue };
+        let node = derp_node(region, id, plan, cert);
+        out.published.insert(node.name.clone());
+        out.map.regions.insert(
+            id,
+            MapRegion {
+                region_id: id,
+                region_code: code.clone(),
+                region_name: format!("{name} ({})", plan.node_name),
+                avoid: spec.avoid,
+                no_measure_no_home: spec.no_measure_no_home,
+                nodes: vec![node],
+                ..Default::default()
+            },
+        );
+    }
 }
 
 /// How the map marks a region's certificate.
@@ -447,7 +635,7 @@ enum CertMark {
 fn region_cert(
     region: &DerpRegion,
     secrets: &HashMap<(&str, &str), &Secret>,
-) -> Result<CertMark, String> {
+) -> Result<CertMark, CertWait> {
     let Some(ss) = &region.spec.tls.self_signed else {
         return Ok(CertMark::Verified);
     };
@@ -456,17 +644,18 @@ fn region_cert(
     }
     let ns = region.namespace().unwrap_or_default();
     let name = certificate_name(&region.name_any());
-    let secret = secrets
-        .get(&(ns.as_str(), name.as_str()))
-        .ok_or_else(|| format!("waiting for the self-signed certificate Secret {name}"))?;
-    let pem = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("tls.crt"))
-        .ok_or_else(|| format!("Secret {name} has no tls.crt"))?;
+    let Some(secret) = secrets.get(&(ns.as_str(), name.as_str())) else {
+        return Err(CertWait::NoSecret { secret: name });
+    };
+    let Some(pem) = secret.data.as_ref().and_then(|d| d.get("tls.crt")) else {
+        return Err(CertWait::NoTlsCrt { secret: name });
+    };
     tls::pin(&pem.0)
         .map(CertMark::Pinned)
-        .map_err(|e| format!("Secret {name}: {e}"))
+        .map_err(|e| CertWait::Unreadable {
+            secret: name,
+            error: e.to_string(),
+        })
 }
 
 fn derp_node(region: &DerpRegion, id: u32, plan: &NodePlan, cert: &CertMark) -> DerpNode {
@@ -590,7 +779,7 @@ fn node_verdict(
 #[derive(Debug, Default)]
 pub struct IdAssignment {
     /// `SharedRegion` regions left out because an older region holds their id or code.
-    pub conflicts: BTreeMap<RegionKey, String>,
+    pub conflicts: BTreeMap<RegionKey, Conflict>,
     /// `RegionPerNode` regions: node name -> (region id, code).
     pub per_node: BTreeMap<RegionKey, BTreeMap<String, (i64, String)>>,
     /// What a person should know (a node that lost its id, a full range).
@@ -608,9 +797,34 @@ fn oldest_first<R: Borrow<DerpRegion>>(regions: &[R]) -> Vec<&DerpRegion> {
     order.sort_by(|a, b| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        (ta.is_none(), ta, region_key(a)).cmp(&(tb.is_none(), tb, region_key(b)))
+        (ta.is_none(), ta, RegionKey::of(a)).cmp(&(tb.is_none(), tb, RegionKey::of(b)))
     });
     order
+}
+
+/// The region ids and codes claimed so far, and by whom.
+#[derive(Default)]
+struct Claims {
+    ids: BTreeMap<i64, RegionKey>,
+    codes: BTreeMap<String, RegionKey>,
+}
+
+impl Claims {
+    /// The older claim that keeps `id` or `code` from a newer region (the id is looked at first).
+    fn taken(&self, id: i64, code: &str) -> Option<Conflict> {
+        if let Some(holder) = self.ids.get(&id) {
+            let holder = holder.clone();
+            return Some(Conflict::RegionIdTaken { id, holder });
+        }
+        let holder = self.codes.get(code)?.clone();
+        let code = code.to_string();
+        Some(Conflict::CodeTaken { code, holder })
+    }
+
+    fn claim(&mut self, id: i64, code: &str, by: &RegionKey) {
+        self.ids.insert(id, by.clone());
+        self.codes.insert(code.to_string(), by.clone());
+    }
 }
 
 /// Hands out region ids and codes. Claims are taken oldest region first, so an older region
@@ -626,30 +840,17 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
 ) -> IdAssignment {
     let order = oldest_first(regions);
     let mut out = IdAssignment::default();
-    let mut ids: BTreeMap<i64, RegionKey> = BTreeMap::new();
-    let mut codes: BTreeMap<String, RegionKey> = BTreeMap::new();
-    let held_by = |what: String, holder: &RegionKey| {
-        format!(
-            "{what} is already held by the older DerpRegion {}/{}",
-            holder.0, holder.1
-        )
-    };
+    let mut claims = Claims::default();
     for r in &order {
-        let key = region_key(r);
+        let key = RegionKey::of(r);
         let spec = &r.spec;
         match spec.publish.mode {
-            PublishMode::SharedRegion => {
-                if let Some(holder) = ids.get(&spec.region_id) {
-                    let why = held_by(format!("regionId {}", spec.region_id), holder);
+            PublishMode::SharedRegion => match claims.taken(spec.region_id, &spec.code) {
+                Some(why) => {
                     out.conflicts.insert(key, why);
-                } else if let Some(holder) = codes.get(&spec.code) {
-                    let why = held_by(format!("code {:?}", spec.code), holder);
-                    out.conflicts.insert(key, why);
-                } else {
-                    ids.insert(spec.region_id, key.clone());
-                    codes.insert(spec.code.clone(), key);
                 }
-            }
+                None => claims.claim(spec.region_id, &spec.code, &key),
+            },
             PublishMode::RegionPerNode => {
                 let recorded = r.status.iter().flat_map(|s| s.node_regions.iter());
                 let mut mine = BTreeMap::new();
@@ -663,12 +864,8 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                             nr.region_id,
                             spec.id_range()
                         ))
-                    } else if let Some(holder) = ids.get(&nr.region_id) {
-                        Some(held_by(format!("regionId {}", nr.region_id), holder))
                     } else {
-                        codes
-                            .get(&nr.code)
-                            .map(|holder| held_by(format!("code {:?}", nr.code), holder))
+                        claims.taken(nr.region_id, &nr.code).map(|c| c.to_string())
                     };
                     if let Some(why) = lost {
                         out.warnings.entry(key.clone()).or_default().push(format!(
@@ -677,8 +874,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                         ));
                         continue;
                     }
-                    ids.insert(nr.region_id, key.clone());
-                    codes.insert(nr.code.clone(), key.clone());
+                    claims.claim(nr.region_id, &nr.code, &key);
                     mine.insert(nr.node_name.clone(), (nr.region_id, nr.code.clone()));
                 }
                 out.per_node.insert(key, mine);
@@ -689,7 +885,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
         .iter()
         .filter(|r| r.spec.publish.mode == PublishMode::RegionPerNode)
     {
-        let key = region_key(r);
+        let key = RegionKey::of(r);
         let spec = &r.spec;
         let plans = selection.get(&key).map_or(&[][..], Vec::as_slice);
         let mine = out.per_node.entry(key.clone()).or_default();
@@ -702,7 +898,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
             }
             let next = free
                 .by_ref()
-                .find(|id| !ids.contains_key(id) && !codes.contains_key(&spec.code_for(*id)));
+                .find(|id| claims.taken(*id, &spec.code_for(*id)).is_none());
             let Some(id) = next else {
                 out.warnings.entry(key.clone()).or_default().push(format!(
                     "node {} has no region: every id of {:?} is taken (raise publish.maxRegions)",
@@ -711,8 +907,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
                 ));
                 continue;
             };
-            ids.insert(id, key.clone());
-            codes.insert(spec.code_for(id), key.clone());
+            claims.claim(id, &spec.code_for(id), &key);
             mine.insert(plan.node_name.clone(), (id, spec.code_for(id)));
         }
     }
@@ -720,7 +915,7 @@ pub fn assign_ids<R: Borrow<DerpRegion>>(
 }
 
 /// `SharedRegion` regions that lose their id or code to an older region (see [`assign_ids`]).
-pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, String> {
+pub fn find_conflicts<R: Borrow<DerpRegion>>(regions: &[R]) -> BTreeMap<RegionKey, Conflict> {
     assign_ids(regions, &HashMap::new(), &|_| true).conflicts
 }
 
@@ -930,7 +1125,7 @@ mod tests {
         );
         assert_eq!(down.map.to_json().unwrap(), want);
         assert_eq!(down.next_rebuild, Some(ts(NOW_S + 610)));
-        let f = &down.facts[&("derp".to_string(), "home".to_string())];
+        let f = &down.facts[&RegionKey::new("derp", "home")];
         assert!(
             f.published && f.warnings.iter().any(|w| w.contains("not-ready grace")),
             "{f:?}"
@@ -1018,7 +1213,7 @@ mod tests {
         assert_eq!(reg.nodes[1].ipv6, "2001:db8::2");
         assert_eq!(reg.nodes[1].stun_port, 3478);
         assert_eq!(reg.nodes[1].derp_port, 443);
-        let f = &out.facts[&("derp".to_string(), "home".to_string())];
+        let f = &out.facts[&RegionKey::new("derp", "home")];
         assert_eq!((f.ready, f.desired, f.published), (3, 3, true));
         assert_eq!(out.published.len(), 3);
     }
@@ -1096,7 +1291,7 @@ mod tests {
                 .map(|n| n.name.clone())
                 .collect()
         };
-        let key = ("derp".to_string(), "home".to_string());
+        let key = RegionKey::new("derp", "home");
         let targets = |out: &MapOutput| -> Vec<String> {
             out.probe_targets[&key]
                 .iter()
@@ -1171,14 +1366,16 @@ mod tests {
         let none = [pod("home", "a", false, 0)];
         let out = build(&regions, &nodes, &none, &[], &BTreeSet::new(), NOW_S);
         assert!(out.map.regions.is_empty());
-        let f = &out.facts[&("derp".to_string(), "home".to_string())];
+        let f = &out.facts[&RegionKey::new("derp", "home")];
         assert!(!f.published);
-        assert!(
-            f.not_published_reason
-                .as_ref()
-                .unwrap()
-                .contains("Ready derper"),
+        assert_eq!(
+            f.not_published,
+            Some(NotPublished::NoReadyNode { desired: 3 }),
             "{f:?}"
+        );
+        assert_eq!(
+            f.not_published.as_ref().unwrap().to_string(),
+            "none of the 3 selected nodes has a Ready derper"
         );
     }
 
@@ -1219,7 +1416,7 @@ mod tests {
 
     /// The controller writes `facts.node_regions` into status; the next build reads it back.
     fn record(r: &mut DerpRegion, out: &MapOutput) {
-        let f = &out.facts[&region_key(r)];
+        let f = &out.facts[&RegionKey::of(r)];
         r.status = Some(crate::crd::DerpRegionStatus {
             node_regions: f.node_regions.clone(),
             ..Default::default()
@@ -1314,7 +1511,7 @@ mod tests {
         // 900 a, 901 is the older shared region, 902 b; c finds the range 900-902 full.
         assert_eq!(ids, [900, 901, 902]);
         assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
-        let f = &out.facts[&region_key(&pn)];
+        let f = &out.facts[&RegionKey::of(&pn)];
         assert!(f.published);
         assert!(
             f.warnings
@@ -1337,8 +1534,11 @@ mod tests {
             NOW_S,
         );
         assert_eq!(out.map.regions[&902].nodes[0].name, "902-b");
-        let f = &out.facts[&region_key(&late)];
-        assert!(f.conflict.as_ref().unwrap().contains("derp/home"), "{f:?}");
+        let f = &out.facts[&RegionKey::of(&late)];
+        assert!(
+            f.conflict().unwrap().to_string().contains("derp/home"),
+            "{f:?}"
+        );
     }
 
     #[test]
@@ -1359,10 +1559,25 @@ mod tests {
         tie_a.metadata.creation_timestamp = Some(Time(ts(400)));
 
         let c = find_conflicts(&[old, new_same_id, same_code, third, tie_b, tie_a]);
-        let k = |n: &str| ("derp".to_string(), n.to_string());
-        assert!(c[&k("new")].contains("regionId 900") && c[&k("new")].contains("derp/old"));
-        assert!(c[&k("other")].contains("code \"old\""));
-        assert!(c[&k("tie-b")].contains("derp/tie-a"));
+        let k = |n: &str| RegionKey::new("derp", n);
+        assert_eq!(
+            c[&k("new")],
+            Conflict::RegionIdTaken {
+                id: 900,
+                holder: k("old")
+            }
+        );
+        assert_eq!(
+            c[&k("new")].to_string(),
+            "regionId 900 is already held by the older DerpRegion derp/old"
+        );
+        assert_eq!(
+            c[&k("other")].to_string(),
+            "code \"old\" is already held by the older DerpRegion derp/old"
+        );
+        assert!(
+            matches!(&c[&k("tie-b")], Conflict::RegionIdTaken { holder, .. } if *holder == k("tie-a"))
+        );
         assert!(!c.contains_key(&k("old")) && !c.contains_key(&k("third")));
         assert!(!c.contains_key(&k("tie-a")));
     }
@@ -1382,9 +1597,9 @@ mod tests {
         let pods = [pod("a", "a", true, 0), pod("b", "b", true, 0)];
         let out = build(&[b, a], &nodes, &pods, &[], &BTreeSet::new(), NOW_S);
         assert_eq!(out.map.regions[&999].region_code, "a");
-        let fb = &out.facts[&("derp".to_string(), "b".to_string())];
-        assert!(fb.conflict.is_some() && !fb.published);
-        assert!(out.facts[&("derp".to_string(), "a".to_string())].warnings[0].contains("999"));
+        let fb = &out.facts[&RegionKey::new("derp", "b")];
+        assert!(fb.conflict().is_some() && !fb.published);
+        assert!(out.facts[&RegionKey::new("derp", "a")].warnings[0].contains("999"));
     }
 
     #[test]
@@ -1426,11 +1641,18 @@ mod tests {
             NOW_S,
         );
         assert!(out.map.regions.is_empty());
-        let f = &out.facts[&("derp".to_string(), "home".to_string())];
+        let f = &out.facts[&RegionKey::new("derp", "home")];
+        assert_eq!(
+            f.not_published,
+            Some(NotPublished::Certificate(CertWait::NoSecret {
+                secret: certificate_name("home")
+            }))
+        );
         assert!(
-            f.not_published_reason
+            f.not_published
                 .as_ref()
                 .unwrap()
+                .to_string()
                 .contains("self-signed")
         );
     }

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use derp_proto::derpmap::DerpMap;
@@ -58,7 +59,7 @@ const CONFIGMAP_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// with JSON and YAML together); such a write is not sent.
 pub const CONFIGMAP_MAX_DATA: usize = 1024 * 1024;
 
-/// What [`MapTask::write_configmap`] did.
+/// What [`ConfigMapWriter::write`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConfigMapWrite {
     /// Written, or already up to date.
@@ -122,11 +123,7 @@ pub fn withhold_reason(out: &MapOutput, live_regions: usize) -> Option<String> {
     let why: Vec<String> = out
         .facts
         .iter()
-        .filter_map(|((ns, name), f)| {
-            f.not_published_reason
-                .as_ref()
-                .map(|r| format!("{ns}/{name}: {r}"))
-        })
+        .filter_map(|(key, f)| f.not_published.as_ref().map(|r| format!("{key}: {r}")))
         .take(5)
         .collect();
     Some(format!(
@@ -215,8 +212,6 @@ impl MapTask {
         // while every derper is down (all replicas restarted across a Headscale refresh) serves
         // the fleet's map instead of 503.
         let seed = self.read_seed().await;
-
-        let mut leader = self.leader.clone();
         let mut published: BTreeSet<String> = seed
             .iter()
             .flat_map(|m| m.regions.values())
@@ -229,85 +224,23 @@ impl MapTask {
                 None
             }
         });
+        let mut leader = self.leader.clone();
         let mut unready_since = BTreeMap::new();
         let mut last_facts: BTreeMap<RegionKey, RegionFacts> = BTreeMap::new();
-        // What the ConfigMap holds as far as we know: None = unknown (read it once as leader).
-        let mut cm_known: Option<Option<serde_json::Value>> = None;
-        let mut cm_retry = CONFIGMAP_RETRY_MIN;
-        let mut cm_retry_at: Option<tokio::time::Instant> = None;
-        // ETag of the map the ConfigMap was last written with (by this replica, as leader).
-        let mut cm_written: Option<String> = None;
-        // Whether the last map was too large for a ConfigMap (warned once per episode).
-        let mut cm_too_large = false;
+        let mut writer = self
+            .configmap
+            .clone()
+            .map(|target| ConfigMapWriter::new(target, self.counters.clone()));
         loop {
             let out = self.build(&published, &unready_since);
-            self.stats
-                .builds
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.builds.fetch_add(1, Ordering::Relaxed);
             published = out.published.clone();
             unready_since = out.unready_since.clone();
-            let live_regions = s
-                .regions
-                .state()
-                .iter()
-                .filter(|r| r.metadata.deletion_timestamp.is_none())
-                .count();
-            let withhold = withhold_reason(&out, live_regions);
-            let current = self.snapshot.borrow().clone();
-            let snap = if withhold.is_some() {
-                self.stats
-                    .withheld
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                current.or_else(|| seed_snap.clone())
-            } else {
-                // Most rebuilds change only facts (status), not the map: comparing the maps is
-                // much cheaper than serialising and hashing a megabyte of JSON to find that out.
-                let same_map = self
-                    .output
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|prev| prev.map == out.map);
-                match (current, same_map) {
-                    (Some(cur), true) => Some(cur),
-                    (current, _) => match MapSnapshot::new(&out.map) {
-                        Ok(s) => Some(Arc::new(s)),
-                        // serde_json cannot fail on these plain types; should it ever, the last
-                        // map stays served rather than an empty or partial body.
-                        Err(e) => {
-                            error!("the DERP map does not serialise, keeping the last one: {e}");
-                            current
-                        }
-                    },
-                }
-            };
-            self.hold(withhold, snap.as_deref(), *leader.borrow());
-            if let Some(snap) = &snap {
-                let sent = self.snapshot.send_if_modified(|cur| {
-                    if cur.as_ref().is_some_and(|c| c.json == snap.json) {
-                        return false;
-                    }
-                    *cur = Some(snap.clone());
-                    true
-                });
-                if sent {
-                    self.stats
-                        .publications
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.stats.last_publication_ms.store(
-                        u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0),
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    info!(
-                        regions = snap.regions,
-                        nodes = snap.nodes,
-                        etag = %snap.etag,
-                        "map published"
-                    );
-                }
-            }
+            let snap = self.snapshot_to_serve(&out, seed_snap.as_ref());
+            self.publish(snap.as_ref());
             for (key, f) in &out.facts {
                 if last_facts.get(key) != Some(f) {
-                    let _ = self.trigger.send(ObjectRef::new(&key.1).within(&key.0));
+                    let _ = self.trigger.send(key.object_ref());
                 }
             }
             last_facts = out.facts.clone();
@@ -315,64 +248,25 @@ impl MapTask {
             let out = Arc::new(out);
             self.output.send_replace(Some(out.clone()));
 
-            // The leader keeps the ConfigMap current.
+            // The leader keeps the ConfigMap current with the map it serves (not a held one's
+            // empty build).
             let is_leader = *leader.borrow();
-            if !is_leader {
-                cm_known = None;
-                cm_written = None;
-            } else if let Some(cm) = &self.configmap
-                && let Some(snap) = snap.as_ref().filter(|_| self.held.borrow().is_none())
-                && cm_retry_at.is_none_or(|t| t <= tokio::time::Instant::now())
-                // Rendering and comparing the ConfigMap costs two serialisations of the whole
-                // map; most rebuilds (status-only changes) leave the map as it was written.
-                && cm_written.as_deref() != Some(snap.etag.as_str())
-            {
-                match self.write_configmap(cm, &out, &mut cm_known).await {
-                    Ok(written) => {
-                        if let ConfigMapWrite::TooLarge(bytes) = written
-                            && !cm_too_large
-                        {
-                            warn!(
-                                bytes,
-                                limit = CONFIGMAP_MAX_DATA,
-                                "the map no longer fits the ConfigMap {}/{}; it keeps the last \
-                                 map that did (fetch /derpmap.json instead: Headscale derp.urls)",
-                                cm.namespace,
-                                cm.name
-                            );
-                        }
-                        cm_too_large = matches!(written, ConfigMapWrite::TooLarge(_));
-                        cm_retry = CONFIGMAP_RETRY_MIN;
-                        cm_written = Some(snap.etag.clone());
-                        // At most one write per interval: a cold start changes the map many
-                        // times a second, and each write sends (and gets back) the whole map
-                        // twice. Mounted ConfigMaps reach pods only about once a minute anyway.
-                        cm_retry_at = Some(tokio::time::Instant::now() + CONFIGMAP_MIN_INTERVAL);
-                    }
-                    Err(e) => {
-                        warn!(retry_in = ?cm_retry, "writing ConfigMap {}/{}: {e}", cm.namespace, cm.name);
-                        cm_known = None;
-                        cm_written = None;
-                        cm_retry_at = Some(tokio::time::Instant::now() + cm_retry);
-                        cm_retry = (cm_retry * 2).min(CONFIGMAP_RETRY_MAX);
-                    }
+            let writes = is_leader && self.held.borrow().is_none();
+            let mut cm_wake = None;
+            if let Some(w) = &mut writer {
+                if !is_leader {
+                    w.forget();
+                } else if let Some(snap) = snap.as_ref().filter(|_| writes) {
+                    w.sync(&out, snap).await;
+                    cm_wake = w.retry_at(snap);
                 }
             }
-            // Wake for the ConfigMap only while it lags the map.
-            let cm_pending = is_leader
-                && self.configmap.is_some()
-                && self.held.borrow().is_none()
-                && snap
-                    .as_ref()
-                    .is_some_and(|snap| cm_written.as_deref() != Some(snap.etag.as_str()));
-
             let grace_end = next_rebuild.map(|t| {
                 let ms = t.as_millisecond() - Timestamp::now().as_millisecond();
                 tokio::time::Instant::now()
                     + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
                     + GRACE_SLACK
             });
-            let cm_wake = cm_retry_at.filter(|_| cm_pending);
             let wake = [grace_end, cm_wake].into_iter().flatten().min();
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -386,6 +280,76 @@ impl MapTask {
                     if r.is_err() { return }
                 }
             }
+        }
+    }
+
+    /// The map to serve after building `out`: the build, unless it must be withheld (then the
+    /// map served so far, or the seed); the current snapshot when the map did not change.
+    /// Records the hold (see [`Self::hold`]).
+    fn snapshot_to_serve(
+        &self,
+        out: &MapOutput,
+        seed: Option<&Arc<MapSnapshot>>,
+    ) -> Option<Arc<MapSnapshot>> {
+        let live_regions = self
+            .stores
+            .regions
+            .state()
+            .iter()
+            .filter(|r| r.metadata.deletion_timestamp.is_none())
+            .count();
+        let withhold = withhold_reason(out, live_regions);
+        let current = self.snapshot.borrow().clone();
+        let snap = if withhold.is_some() {
+            self.stats.withheld.fetch_add(1, Ordering::Relaxed);
+            current.or_else(|| seed.cloned())
+        } else {
+            // Most rebuilds change only facts (status), not the map: comparing the maps is
+            // much cheaper than serialising and hashing a megabyte of JSON to find that out.
+            let same_map = self
+                .output
+                .borrow()
+                .as_ref()
+                .is_some_and(|prev| prev.map == out.map);
+            match (current, same_map) {
+                (Some(cur), true) => Some(cur),
+                (current, _) => match MapSnapshot::new(&out.map) {
+                    Ok(s) => Some(Arc::new(s)),
+                    // serde_json cannot fail on these plain types; should it ever, the last
+                    // map stays served rather than an empty or partial body.
+                    Err(e) => {
+                        error!("the DERP map does not serialise, keeping the last one: {e}");
+                        current
+                    }
+                },
+            }
+        };
+        self.hold(withhold, snap.as_deref(), *self.leader.borrow());
+        snap
+    }
+
+    /// Hands `snap` to the map server when its bytes differ from what it serves.
+    fn publish(&self, snap: Option<&Arc<MapSnapshot>>) {
+        let Some(snap) = snap else { return };
+        let sent = self.snapshot.send_if_modified(|cur| {
+            if cur.as_ref().is_some_and(|c| c.json == snap.json) {
+                return false;
+            }
+            *cur = Some(snap.clone());
+            true
+        });
+        if sent {
+            self.stats.publications.fetch_add(1, Ordering::Relaxed);
+            self.stats.last_publication_ms.store(
+                u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0),
+                Ordering::Relaxed,
+            );
+            info!(
+                regions = snap.regions,
+                nodes = snap.nodes,
+                etag = %snap.etag,
+                "map published"
+            );
         }
     }
 
@@ -488,15 +452,110 @@ impl MapTask {
             }
         });
     }
+}
 
-    async fn write_configmap(
-        &self,
-        cm: &MapConfigMap,
-        out: &MapOutput,
-        known: &mut Option<Option<serde_json::Value>>,
-    ) -> Result<ConfigMapWrite, crate::apply::ApplyError> {
+/// What the `derp-map` ConfigMap holds, as far as this replica knows.
+#[derive(Debug, Clone, PartialEq)]
+enum Known {
+    /// Not read since this replica became the leader (another replica may have written it).
+    Unread,
+    /// Read or written by us: the object (our fields, stamped), `None` when it does not exist.
+    Holds(Option<serde_json::Value>),
+}
+
+/// The leader's writer of the `derp-map` ConfigMap: keeps it equal to the served map, writing
+/// only when the map changed, at most every [`CONFIGMAP_MIN_INTERVAL`], with a backoff after a
+/// failure, and never a map too large for a ConfigMap.
+struct ConfigMapWriter {
+    target: MapConfigMap,
+    counters: Arc<WriteCounters>,
+    known: Known,
+    /// ETag of the map the ConfigMap was last written with (by this replica, as leader).
+    written: Option<String>,
+    /// Delay before the next attempt after a failure (doubles up to [`CONFIGMAP_RETRY_MAX`]).
+    retry: Duration,
+    /// No write before this instant (the interval after a write, the backoff after a failure).
+    next_at: Option<tokio::time::Instant>,
+    /// Whether the last map was too large (warned once per episode).
+    too_large: bool,
+}
+
+impl ConfigMapWriter {
+    fn new(target: MapConfigMap, counters: Arc<WriteCounters>) -> Self {
+        Self {
+            target,
+            counters,
+            known: Known::Unread,
+            written: None,
+            retry: CONFIGMAP_RETRY_MIN,
+            next_at: None,
+            too_large: false,
+        }
+    }
+
+    /// Not the leader: another replica writes the ConfigMap, so what we knew of it is stale.
+    fn forget(&mut self) {
+        self.known = Known::Unread;
+        self.written = None;
+    }
+
+    fn lags(&self, snap: &MapSnapshot) -> bool {
+        self.written.as_deref() != Some(snap.etag.as_str())
+    }
+
+    /// When to wake to write `snap`: while the ConfigMap lags it, at the next allowed write.
+    fn retry_at(&self, snap: &MapSnapshot) -> Option<tokio::time::Instant> {
+        self.next_at.filter(|_| self.lags(snap))
+    }
+
+    /// Writes `out` (whose snapshot is `snap`) when the ConfigMap lags it and a write is allowed.
+    async fn sync(&mut self, out: &MapOutput, snap: &MapSnapshot) {
+        // Rendering and comparing the ConfigMap costs two serialisations of the whole map; most
+        // rebuilds (status-only changes) leave the map as it was written.
+        if !self.lags(snap)
+            || self
+                .next_at
+                .is_some_and(|t| t > tokio::time::Instant::now())
+        {
+            return;
+        }
+        let written = self.write(out).await;
+        let (ns, name) = (&self.target.namespace, &self.target.name);
+        match written {
+            Ok(written) => {
+                if let ConfigMapWrite::TooLarge(bytes) = written
+                    && !self.too_large
+                {
+                    warn!(
+                        bytes,
+                        limit = CONFIGMAP_MAX_DATA,
+                        "the map no longer fits the ConfigMap {ns}/{name}; it keeps the last \
+                         map that did (fetch /derpmap.json instead: Headscale derp.urls)",
+                    );
+                }
+                self.too_large = matches!(written, ConfigMapWrite::TooLarge(_));
+                self.retry = CONFIGMAP_RETRY_MIN;
+                self.written = Some(snap.etag.clone());
+                // At most one write per interval: a cold start changes the map many times a
+                // second, and each write sends (and gets back) the whole map twice. Mounted
+                // ConfigMaps reach pods only about once a minute anyway.
+                self.next_at = Some(tokio::time::Instant::now() + CONFIGMAP_MIN_INTERVAL);
+            }
+            Err(e) => {
+                let delay = self.retry;
+                self.retry = (self.retry * 2).min(CONFIGMAP_RETRY_MAX);
+                warn!(retry_in = ?delay, "writing ConfigMap {ns}/{name}: {e}");
+                self.forget();
+                self.next_at = Some(tokio::time::Instant::now() + delay);
+            }
+        }
+    }
+
+    async fn write(&mut self, out: &MapOutput) -> Result<ConfigMapWrite, apply::ApplyError> {
+        let cm = &self.target;
+        let kind = || "ConfigMap".to_string();
         let want = render_map_configmap(cm, out).map_err(|source| apply::ApplyError::Render {
-            kind: "ConfigMap".into(),
+            kind: kind(),
             name: cm.name.clone(),
             source,
         })?;
@@ -509,39 +568,38 @@ impl MapTask {
         if bytes > CONFIGMAP_MAX_DATA {
             return Ok(ConfigMapWrite::TooLarge(bytes));
         }
-        if known.is_none() {
+        let serialize = |source| apply::ApplyError::Serialize {
+            kind: kind(),
+            name: cm.name.clone(),
+            source,
+        };
+        if self.known == Known::Unread {
             let have = cm
                 .api
                 .get_opt(&cm.name)
                 .await
                 .map_err(|source| apply::ApplyError::Api {
-                    kind: "ConfigMap".into(),
+                    kind: kind(),
                     name: cm.name.clone(),
                     source,
                 })?;
-            *known = Some(
-                have.map(serde_json::to_value)
-                    .transpose()
-                    .map_err(|source| apply::ApplyError::Serialize {
-                        kind: "ConfigMap".into(),
-                        name: cm.name.clone(),
-                        source,
-                    })?,
-            );
+            let have = have
+                .map(serde_json::to_value)
+                .transpose()
+                .map_err(serialize)?;
+            self.known = Known::Holds(have);
         }
-        let stamped = apply::stamp(serde_json::to_value(&want).map_err(|source| {
-            apply::ApplyError::Serialize {
-                kind: "ConfigMap".into(),
-                name: cm.name.clone(),
-                source,
-            }
-        })?);
-        let existing = known.as_ref().and_then(|k| k.as_ref());
+        let stamped = apply::stamp(serde_json::to_value(&want).map_err(serialize)?);
+        let existing = match &self.known {
+            Known::Holds(v) => v.as_ref(),
+            Known::Unread => None,
+        };
         if !apply::needs_apply(&stamped, existing) {
             return Ok(ConfigMapWrite::Done);
         }
+        let api = &cm.api;
         apply::apply_value(
-            &cm.api,
+            api,
             &cm.name,
             "ConfigMap",
             stamped.clone(),
@@ -550,7 +608,7 @@ impl MapTask {
         )
         .await?;
         // The stamped object is what the server now holds for our fields.
-        *known = Some(Some(stamped));
+        self.known = Known::Holds(Some(stamped));
         Ok(ConfigMapWrite::Done)
     }
 }
@@ -585,7 +643,7 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapbuild::RegionFacts;
+    use crate::mapbuild::{NotPublished, RegionFacts};
 
     #[test]
     fn an_empty_build_is_withheld_only_while_derp_regions_exist() {
@@ -593,11 +651,9 @@ mod tests {
         // No DerpRegion at all: the empty map is the truth.
         assert_eq!(withhold_reason(&out, 0), None);
         out.facts.insert(
-            ("derp".into(), "home".into()),
+            RegionKey::new("derp", "home"),
             RegionFacts {
-                not_published_reason: Some(
-                    "none of the 3 selected nodes has a Ready derper".into(),
-                ),
+                not_published: Some(NotPublished::NoReadyNode { desired: 3 }),
                 ..Default::default()
             },
         );

@@ -309,7 +309,11 @@ fn esc(s: &str) -> String {
 }
 
 fn region_labels(k: &RegionKey) -> String {
-    format!("namespace=\"{}\",region=\"{}\"", esc(&k.0), esc(&k.1))
+    format!(
+        "namespace=\"{}\",region=\"{}\"",
+        esc(&k.namespace),
+        esc(&k.name)
+    )
 }
 
 impl ProbeMetrics {
@@ -526,9 +530,9 @@ impl Prober {
                 let flipped = state.apply(round, &self.config, now);
                 if flipped {
                     if state.healthy {
-                        info!(region = %key.0.1, node = %key.1, "probe: node healthy again");
+                        info!(region = %key.0, node = %key.1, "probe: node healthy again");
                     } else {
-                        warn!(region = %key.0.1, node = %key.1,
+                        warn!(region = %key.0, node = %key.1,
                               check = ?state.failing_check, message = ?state.message,
                               "probe: node failing");
                     }
@@ -556,17 +560,13 @@ impl Prober {
             }
             self.report.send_replace(Some(Arc::new(report)));
             for region in changed {
-                let _ = self
-                    .trigger
-                    .send(ObjectRef::new(&region.1).within(&region.0));
+                let _ = self.trigger.send(region.object_ref());
             }
         }
     }
 
     fn previous_status(&self, region: &RegionKey, node: &str) -> Option<NodeProbeStatus> {
-        let r = self
-            .regions
-            .get(&ObjectRef::new(&region.1).within(&region.0))?;
+        let r = self.regions.get(&region.object_ref())?;
         r.status
             .as_ref()?
             .probe
@@ -585,14 +585,14 @@ impl Prober {
     fn targets(&self, out: &MapOutput) -> Vec<Target> {
         let mut v = Vec::new();
         for (key, nodes) in &out.probe_targets {
-            let region = self.regions.get(&ObjectRef::new(&key.1).within(&key.0));
+            let region = self.regions.get(&key.object_ref());
             // A CA-issued certificate (cert-manager) is verified with the CA in its Secret; a
             // public one with the Web PKI; pinned and insecure ones as the map says.
             let trust = region
                 .as_ref()
                 .filter(|r| r.spec.tls.issuer_ref.is_some())
-                .and_then(|r| self.secret(&key.0, &tls_secret_name(r), "ca.crt"))
-                .or_else(|| self.secret(&key.0, &certificate_name(&key.1), "ca.crt"))
+                .and_then(|r| self.secret(&key.namespace, &tls_secret_name(r), "ca.crt"))
+                .or_else(|| self.secret(&key.namespace, &certificate_name(&key.name), "ca.crt"))
                 .and_then(|pem| TlsTrust::extra_ca_pem(&pem).ok())
                 .unwrap_or(TlsTrust::WebPki);
             // Behind an admission URL (Headscale's /verify) the prober's keys are unknown: it
@@ -600,7 +600,13 @@ impl Prober {
             let mesh_key = region
                 .as_ref()
                 .filter(|r| r.spec.verify_client_url.is_some())
-                .and_then(|_| self.secret(&key.0, &mesh_key_secret_name(&key.1), MESH_KEY_FILE))
+                .and_then(|_| {
+                    self.secret(
+                        &key.namespace,
+                        &mesh_key_secret_name(&key.name),
+                        MESH_KEY_FILE,
+                    )
+                })
                 .and_then(|b| MeshKey::parse_hex(String::from_utf8_lossy(&b).trim()).ok());
             for node in nodes {
                 v.push(Target {
@@ -1077,7 +1083,7 @@ mod tests {
     #[test]
     fn metrics_render_success_verdict_and_histograms() {
         let m = ProbeMetrics::default();
-        let key = ("derp".to_string(), "home".to_string());
+        let key = RegionKey::new("derp", "home");
         {
             let mut s = m.lock();
             s.rounds = 2;

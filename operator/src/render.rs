@@ -24,7 +24,7 @@ use kube::{Resource, ResourceExt};
 use rand::RngCore;
 use serde_json::json;
 
-use crate::crd::{DerpRegion, IssuerKind, NODE_PLACEHOLDER, PORT_DISABLED};
+use crate::crd::{DerpRegion, IssuerKind, NODE_PLACEHOLDER, PORT_DISABLED, PortsSpec};
 use crate::select::{NodePlan, plan_nodes};
 use crate::tls::{self, Sans};
 
@@ -501,101 +501,7 @@ fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
 pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
     let rname = region.name_any();
     let spec = &region.spec;
-    let ports = &spec.ports;
-    // A non-root process cannot bind below 1024: Kubernetes sets no ambient capabilities, and
-    // `allowPrivilegeEscalation: false` (no_new_privs) ignores file capabilities. So with a low
-    // port the derper runs as uid 0 holding only NET_BIND_SERVICE; otherwise as an unprivileged
-    // user with no capability at all.
-    let low_port = ports.bound().iter().any(|p| *p < 1024);
-    let (uid, caps_add) = if low_port {
-        (0, Some(vec!["NET_BIND_SERVICE".to_string()]))
-    } else {
-        (NONROOT_UID, None)
-    };
-    let mut container_ports = vec![port("derp", ports.derp_port, "TCP")];
-    if ports.stun_port != PORT_DISABLED {
-        container_ports.push(port("stun", ports.stun_port, "UDP"));
-    }
-    if ports.http_port != PORT_DISABLED {
-        container_ports.push(port("http", ports.http_port, "TCP"));
-    }
-    container_ports.push(port("metrics", ports.metrics_port, "TCP"));
-
-    let mut mounts = vec![
-        VolumeMount {
-            name: "state".into(),
-            mount_path: STATE_DIR.into(),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..Default::default()
-        },
-        // Whole-directory mounts (never subPath) so the kubelet's Secret updates reach the
-        // derper, which reloads its certificate when the files change.
-        VolumeMount {
-            name: "tls".into(),
-            mount_path: TLS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-    ];
-    let secret_mode = Some(0o440);
-    let mut volumes = vec![
-        Volume {
-            name: "state".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
-        Volume {
-            name: "tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(tls_secret_name(region)),
-                default_mode: secret_mode,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    ];
-    if spec.meshed() {
-        mounts.push(VolumeMount {
-            name: "mesh-key".into(),
-            mount_path: MESH_KEY_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "mesh-peers".into(),
-            mount_path: MESH_PEERS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        volumes.push(Volume {
-            name: "mesh-key".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(mesh_key_secret_name(&rname)),
-                default_mode: secret_mode,
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        volumes.push(Volume {
-            name: "mesh-peers".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: mesh_peers_configmap_name(&rname),
-                default_mode: Some(0o444),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-
+    let (volumes, mounts) = volumes_and_mounts(region);
     let container = Container {
         name: "derper".into(),
         image: Some(image(region)),
@@ -606,10 +512,10 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
             env_from_field("HOST_IP", "status.hostIP"),
             env_from_field("NODE_NAME", "spec.nodeName"),
         ]),
-        ports: Some(container_ports),
+        ports: Some(container_ports(&spec.ports)),
         readiness_probe: Some(http_probe(
             "/readyz",
-            ports.metrics_port,
+            spec.ports.metrics_port,
             READINESS_PERIOD_SECS,
             READINESS_FAILURES,
         )),
@@ -617,29 +523,16 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
             initial_delay_seconds: Some(5),
             ..http_probe(
                 "/healthz",
-                ports.metrics_port,
+                spec.ports.metrics_port,
                 LIVENESS_PERIOD_SECS,
                 LIVENESS_FAILURES,
             )
         }),
         resources: spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(!low_port),
-            run_as_user: Some(uid),
-            run_as_group: Some(if low_port { 0 } else { NONROOT_UID }),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: caps_add,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(container_security(&spec.ports)),
         volume_mounts: Some(mounts),
         ..Default::default()
     };
-
-    let pod_labels = common_labels(&rname);
     let pod = PodSpec {
         host_network: Some(true),
         dns_policy: Some("ClusterFirstWithHostNet".into()),
@@ -661,7 +554,6 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
         volumes: Some(volumes),
         ..Default::default()
     };
-
     Ok(DaemonSet {
         metadata: meta(region, daemonset_name(&rname))?,
         spec: DaemonSetSpec {
@@ -679,7 +571,7 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
+                    labels: Some(common_labels(&rname)),
                     ..Default::default()
                 }),
                 spec: Some(pod),
@@ -688,6 +580,97 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
         },
         ..Default::default()
     })
+}
+
+/// The ports the derper binds, as host ports.
+fn container_ports(ports: &PortsSpec) -> Vec<ContainerPort> {
+    let mut out = vec![port("derp", ports.derp_port, "TCP")];
+    if ports.stun_port != PORT_DISABLED {
+        out.push(port("stun", ports.stun_port, "UDP"));
+    }
+    if ports.http_port != PORT_DISABLED {
+        out.push(port("http", ports.http_port, "TCP"));
+    }
+    out.push(port("metrics", ports.metrics_port, "TCP"));
+    out
+}
+
+/// A non-root process cannot bind below 1024: Kubernetes sets no ambient capabilities, and
+/// `allowPrivilegeEscalation: false` (no_new_privs) ignores file capabilities. So with a low
+/// port the derper runs as uid 0 holding only NET_BIND_SERVICE; otherwise as an unprivileged
+/// user with no capability at all.
+fn container_security(ports: &PortsSpec) -> SecurityContext {
+    let low_port = ports.bound().iter().any(|p| *p < 1024);
+    let (uid, caps_add) = if low_port {
+        (0, Some(vec!["NET_BIND_SERVICE".to_string()]))
+    } else {
+        (NONROOT_UID, None)
+    };
+    SecurityContext {
+        run_as_non_root: Some(!low_port),
+        run_as_user: Some(uid),
+        run_as_group: Some(if low_port { 0 } else { NONROOT_UID }),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: caps_add,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod's volumes and the derper's mounts of them: state and /tmp (the root filesystem is
+/// read-only), the TLS Secret, and for a meshed region the mesh key and peers.
+fn volumes_and_mounts(region: &DerpRegion) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let rname = region.name_any();
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    };
+    let empty_dir = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    };
+    let secret = |name: &str, secret_name: String| Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut mounts = vec![
+        mount("state", STATE_DIR, false),
+        mount("tmp", "/tmp", false),
+        // Whole-directory mounts (never subPath) so the kubelet's Secret updates reach the
+        // derper, which reloads its certificate when the files change.
+        mount("tls", TLS_DIR, true),
+    ];
+    let mut volumes = vec![
+        empty_dir("state"),
+        empty_dir("tmp"),
+        secret("tls", tls_secret_name(region)),
+    ];
+    if region.spec.meshed() {
+        mounts.push(mount("mesh-key", MESH_KEY_DIR, true));
+        mounts.push(mount("mesh-peers", MESH_PEERS_DIR, true));
+        volumes.push(secret("mesh-key", mesh_key_secret_name(&rname)));
+        volumes.push(Volume {
+            name: "mesh-peers".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: mesh_peers_configmap_name(&rname),
+                default_mode: Some(0o444),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    (volumes, mounts)
 }
 
 #[cfg(test)]

@@ -13,14 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{Api, DynamicObject};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -106,7 +107,7 @@ fn reflect<K>(
     writer: Writer<K>,
     changed: Arc<Notify>,
     slim: fn(&mut K),
-) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+) -> Watch<K>
 where
     K: Resource
         + slim::Fingerprint
@@ -126,6 +127,7 @@ where
     )
     .inspect(move |_| changed.notify_one())
     .touched_objects()
+    .boxed()
 }
 
 /// The controller's backoff over its merged trigger streams: none. kube-runtime's default
@@ -183,8 +185,8 @@ fn region_metrics(ctx: &Context, stats: &MapStats) -> String {
          # TYPE derp_fleet_region_ready_nodes gauge\n",
     );
     if let Some(m) = ctx.map.borrow().as_ref() {
-        for ((ns, name), f) in &m.facts {
-            let l = format!("namespace=\"{ns}\",region=\"{name}\"");
+        for (key, f) in &m.facts {
+            let l = format!("namespace=\"{}\",region=\"{}\"", key.namespace, key.name);
             let _ = writeln!(out, "derp_fleet_region_desired_nodes{{{l}}} {}", f.desired);
             let _ = writeln!(ready, "derp_fleet_region_ready_nodes{{{l}}} {}", f.ready);
         }
@@ -258,147 +260,22 @@ fn counters_text(
 }
 
 /// Runs the operator until `cancel` fires; then stops the controller, releases the Lease and
-/// drains the HTTP servers.
+/// drains the HTTP servers. About 100 lines because it is the wiring diagram: every channel,
+/// task and server is made here in start-up order (each by its own type or helper), so one read
+/// shows what feeds what.
 pub async fn run(
     client: Client,
     cfg: RunConfig,
     cancel: CancellationToken,
 ) -> Result<(), RunError> {
-    let ns = cfg.watch_namespace.as_deref();
-    let changed = Arc::new(Notify::new());
-    let counters = Arc::new(WriteCounters::default());
-    let stats = Arc::new(MapStats::default());
-
     // Bind first: a port clash is a start-up error, not a silent replica without a map.
-    let map_listener = tokio::net::TcpListener::bind(cfg.map_addr)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: cfg.map_addr,
-            source,
-        })?;
-    let metrics_listener = match cfg.metrics_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Bind { addr, source })?,
-        ),
-        None => None,
-    };
-    info!(map_addr = %cfg.map_addr, metrics_addr = ?cfg.metrics_addr, namespace = ?ns, "operator starting");
+    let (map_listener, metrics_listener) = bind(&cfg).await?;
+    info!(map_addr = %cfg.map_addr, metrics_addr = ?cfg.metrics_addr,
+        namespace = ?cfg.watch_namespace, "operator starting");
+    let changed = Arc::new(Notify::new());
+    let (stores, watches) = watch_all(&client, &cfg, &changed, &cancel);
+    let cert_crd = watches.cert_crd.clone();
 
-    // Watch caches.
-    let ours = format!("{LABEL_MANAGED_BY}={MANAGER_NAME}");
-    let (regions_r, regions_w) = reflector::store::<DerpRegion>();
-    let (nodes_r, nodes_w) = reflector::store::<Node>();
-    let (pods_r, pods_w) = reflector::store::<Pod>();
-    let (secrets_r, secrets_w) = reflector::store::<Secret>();
-    let (cms_r, cms_w) = reflector::store::<ConfigMap>();
-    let (ds_r, ds_w) = reflector::store::<DaemonSet>();
-    let cert_ar = certificate_resource();
-    let certs_w = Writer::<DynamicObject>::new(cert_ar.clone());
-    let certs_r = certs_w.as_reader();
-    let stores = Stores {
-        regions: regions_r.clone(),
-        nodes: nodes_r,
-        pods: pods_r,
-        secrets: secrets_r,
-        configmaps: cms_r,
-        daemonsets: ds_r,
-        certificates: certs_r,
-    };
-
-    let regions_s = reflect(
-        api::<DerpRegion>(&client, ns),
-        list_config(),
-        regions_w,
-        changed.clone(),
-        slim::other,
-    );
-    let nodes_s = reflect(
-        Api::<Node>::all(client.clone()),
-        list_config(),
-        nodes_w,
-        changed.clone(),
-        slim::node,
-    );
-    let pods_s = reflect(
-        api::<Pod>(&client, ns),
-        list_config().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_REGION}")),
-        pods_w,
-        changed.clone(),
-        slim::pod,
-    );
-    let secrets_s = reflect(
-        api::<Secret>(&client, ns),
-        list_config().labels(&ours),
-        secrets_w,
-        changed.clone(),
-        slim::other,
-    );
-    let cms_s = reflect(
-        api::<ConfigMap>(&client, ns),
-        list_config().labels(&ours),
-        cms_w,
-        changed.clone(),
-        slim::other,
-    );
-    let ds_s = reflect(
-        api::<DaemonSet>(&client, ns),
-        list_config().labels(&ours),
-        ds_w,
-        changed.clone(),
-        slim::daemonset,
-    );
-    // Every Secret's metadata (no data is cached): a change of the Secret a region names in
-    // `tls.secretName` (created, replaced, renewed by someone else, deleted) reconciles it at
-    // once instead of on the next recheck. Our own Secrets come through `secrets_s` already.
-    let secrets_meta: Api<PartialObjectMeta<Secret>> = match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let provided_secrets_s = watcher(secrets_meta, list_config())
-        .default_backoff()
-        .touched_objects();
-    // Certificates: watched once cert-manager's CRD exists (looked for every 30 s until then).
-    let cert_crd = Arc::new(AtomicBool::new(false));
-    let certs_s = {
-        let client = client.clone();
-        let cert_crd = cert_crd.clone();
-        let changed = changed.clone();
-        let ar = cert_ar.clone();
-        let ours = ours.clone();
-        let ns = cfg.watch_namespace.clone();
-        let cancel = cancel.clone();
-        futures::stream::once(async move {
-            loop {
-                if controller::cert_crd_installed(&client).await {
-                    break;
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return None,
-                    _ = tokio::time::sleep(CERT_CRD_POLL) => {}
-                }
-            }
-            cert_crd.store(true, Ordering::Relaxed);
-            info!("cert-manager Certificate CRD found; watching Certificates");
-            let api = match &ns {
-                Some(ns) => Api::<DynamicObject>::namespaced_with(client, ns, &ar),
-                None => Api::<DynamicObject>::all_with(client, &ar),
-            };
-            Some(
-                watcher(api, list_config().labels(&ours))
-                    .default_backoff()
-                    .modify(slim::other)
-                    .reflect(certs_w)
-                    .inspect(move |_| changed.notify_one())
-                    .touched_objects(),
-            )
-        })
-        .filter_map(|s| async move { s })
-        .flatten()
-    };
-
-    // Leadership.
     let (leader_tx, leader_rx) = watch::channel(false);
     let leader_task = tokio::spawn(leader::run(
         client.clone(),
@@ -407,25 +284,8 @@ pub async fn run(
         cancel.clone(),
     ));
 
-    // Map task and map server.
-    let (snap_tx, snap_rx) = watch::channel(None);
-    let (out_tx, out_rx) = watch::channel(None);
-    let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel::<ObjectRef<DerpRegion>>();
-    let (probe_tx, probe_rx) = watch::channel(None);
-    let probe_metrics = cfg
-        .probe
-        .as_ref()
-        .map(|_| Arc::new(ProbeMetrics::default()));
-    let prober = cfg.probe.clone().map(|config| Prober {
-        config,
-        map: out_rx.clone(),
-        regions: stores.regions.clone(),
-        secrets: stores.secrets.clone(),
-        report: probe_tx,
-        trigger: trigger_tx.clone(),
-        metrics: probe_metrics.clone().unwrap_or_default(),
-    });
-    let (held_tx, held_rx) = watch::channel(None);
+    let counters = Arc::new(WriteCounters::default());
+    let stats = Arc::new(MapStats::default());
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -433,10 +293,25 @@ pub async fn run(
             instance: Some(cfg.lease.identity.clone()),
         },
     );
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let (out_tx, out_rx) = watch::channel(None);
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<DerpRegion>>();
+    let (probe_tx, probe_rx) = watch::channel(None);
+    let (held_tx, held_rx) = watch::channel(None);
+    let prober = cfg.probe.clone().map(|config| Prober {
+        config,
+        map: out_rx.clone(),
+        regions: stores.regions.clone(),
+        secrets: stores.secrets.clone(),
+        report: probe_tx,
+        trigger: trigger_tx.clone(),
+        metrics: Arc::default(),
+    });
+    let probe_metrics = prober.as_ref().map(|p| p.metrics.clone());
     let map_task = MapTask {
         stores: stores.clone(),
         config: cfg.map.clone(),
-        changed: changed.clone(),
+        changed,
         snapshot: snap_tx,
         output: out_tx,
         trigger: trigger_tx,
@@ -456,8 +331,8 @@ pub async fn run(
     let probe_handle = prober.map(|p| tokio::spawn(p.run(cancel.clone())));
 
     let ctx = Arc::new(Context {
-        client: client.clone(),
-        stores: stores.clone(),
+        client,
+        stores,
         recorder,
         counters: counters.clone(),
         map: out_rx,
@@ -469,7 +344,6 @@ pub async fn run(
         failures: Default::default(),
         reconciles: Default::default(),
     });
-
     let state = MapServerState::new(snap_rx)
         .with_held(held_rx)
         .with_extra_metrics(operator_metrics(
@@ -479,23 +353,248 @@ pub async fn run(
             leader_rx.clone(),
             probe_metrics,
         ));
-    let server = {
-        let c = cancel.clone();
-        tokio::spawn(mapserver::serve(map_listener, state.clone(), async move {
-            c.cancelled().await
-        }))
-    };
-    let metrics_server = metrics_listener.map(|l| {
-        let c = cancel.clone();
-        tokio::spawn(mapserver::serve(
-            l,
-            state,
-            async move { c.cancelled().await },
-        ))
-    });
+    let servers = Servers::spawn(map_listener, metrics_listener, &state, &cancel);
 
-    // Winning the Lease reconciles every region.
-    let became_leader = futures::stream::unfold(leader_rx, |mut rx| async move {
+    run_controller(watches, ctx, leader_rx, trigger_rx, &cfg, cancel.clone()).await;
+    info!("controller stopped");
+
+    // The controller returns only after cancel (or when its streams end): stop everything else.
+    cancel.cancel();
+    let _ = leader_task.await;
+    let _ = map_handle.await;
+    if let Some(p) = probe_handle {
+        let _ = p.await;
+    }
+    let served = servers.wait().await;
+    info!("operator stopped");
+    served
+}
+
+/// The map server and the optional metrics-only server, draining on `cancel`.
+struct Servers {
+    map: tokio::task::JoinHandle<std::io::Result<()>>,
+    metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Servers {
+    fn spawn(
+        map: tokio::net::TcpListener,
+        metrics: Option<tokio::net::TcpListener>,
+        state: &MapServerState,
+        cancel: &CancellationToken,
+    ) -> Self {
+        let serve = |listener| {
+            let c = cancel.clone();
+            tokio::spawn(mapserver::serve(listener, state.clone(), async move {
+                c.cancelled().await
+            }))
+        };
+        Self {
+            map: serve(map),
+            metrics: metrics.map(serve),
+        }
+    }
+
+    /// Waits for both to drain; the map server's failure is the operator's.
+    async fn wait(self) -> Result<(), RunError> {
+        let served = self.map.await;
+        if let Some(m) = self.metrics {
+            let _ = m.await;
+        }
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(RunError::Serve(e)),
+            Err(e) => Err(RunError::Serve(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// The map listener and the optional metrics listener.
+async fn bind(
+    cfg: &RunConfig,
+) -> Result<(tokio::net::TcpListener, Option<tokio::net::TcpListener>), RunError> {
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { addr, source })
+    };
+    let map = bind(cfg.map_addr).await?;
+    let metrics = match cfg.metrics_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    Ok((map, metrics))
+}
+
+type Watch<K> = BoxStream<'static, Result<K, watcher::Error>>;
+
+/// The controller's trigger streams, one per watched kind (each already feeding its store).
+struct Watches {
+    regions: Watch<DerpRegion>,
+    regions_reader: Store<DerpRegion>,
+    nodes: Watch<Node>,
+    pods: Watch<Pod>,
+    secrets: Watch<Secret>,
+    configmaps: Watch<ConfigMap>,
+    daemonsets: Watch<DaemonSet>,
+    /// Metadata of every Secret, for the ones regions name in `tls.secretName`.
+    provided_secrets: Watch<PartialObjectMeta<Secret>>,
+    certificates: Watch<DynamicObject>,
+    /// Set once cert-manager's Certificate CRD is found.
+    cert_crd: Arc<AtomicBool>,
+}
+
+/// One watch per kind, each feeding a store of [`Stores`] and waking `changed`.
+fn watch_all(
+    client: &Client,
+    cfg: &RunConfig,
+    changed: &Arc<Notify>,
+    cancel: &CancellationToken,
+) -> (Stores, Watches) {
+    let ns = cfg.watch_namespace.as_deref();
+    let ours = format!("{LABEL_MANAGED_BY}={MANAGER_NAME}");
+    let (regions_r, regions_w) = reflector::store::<DerpRegion>();
+    let (nodes_r, nodes_w) = reflector::store::<Node>();
+    let (pods_r, pods_w) = reflector::store::<Pod>();
+    let (secrets_r, secrets_w) = reflector::store::<Secret>();
+    let (cms_r, cms_w) = reflector::store::<ConfigMap>();
+    let (ds_r, ds_w) = reflector::store::<DaemonSet>();
+    let certs_w = Writer::<DynamicObject>::new(certificate_resource());
+    let stores = Stores {
+        regions: regions_r.clone(),
+        nodes: nodes_r,
+        pods: pods_r,
+        secrets: secrets_r,
+        configmaps: cms_r,
+        daemonsets: ds_r,
+        certificates: certs_w.as_reader(),
+    };
+    let pods_config = list_config().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_REGION}"));
+    let cert_crd = Arc::new(AtomicBool::new(false));
+    let watches = Watches {
+        regions: reflect(
+            api::<DerpRegion>(client, ns),
+            list_config(),
+            regions_w,
+            changed.clone(),
+            slim::other,
+        ),
+        regions_reader: regions_r,
+        nodes: reflect(
+            Api::<Node>::all(client.clone()),
+            list_config(),
+            nodes_w,
+            changed.clone(),
+            slim::node,
+        ),
+        pods: reflect(
+            api::<Pod>(client, ns),
+            pods_config,
+            pods_w,
+            changed.clone(),
+            slim::pod,
+        ),
+        secrets: reflect(
+            api::<Secret>(client, ns),
+            list_config().labels(&ours),
+            secrets_w,
+            changed.clone(),
+            slim::other,
+        ),
+        configmaps: reflect(
+            api::<ConfigMap>(client, ns),
+            list_config().labels(&ours),
+            cms_w,
+            changed.clone(),
+            slim::other,
+        ),
+        daemonsets: reflect(
+            api::<DaemonSet>(client, ns),
+            list_config().labels(&ours),
+            ds_w,
+            changed.clone(),
+            slim::daemonset,
+        ),
+        // Every Secret's metadata (no data is cached): a change of the Secret a region names
+        // in `tls.secretName` (created, replaced, renewed by someone else, deleted) reconciles
+        // it at once instead of on the next recheck. Our own Secrets come through `secrets`.
+        provided_secrets: watcher(api::<PartialObjectMeta<Secret>>(client, ns), list_config())
+            .default_backoff()
+            .touched_objects()
+            .boxed(),
+        certificates: certificate_watch(
+            client.clone(),
+            cfg.watch_namespace.clone(),
+            certs_w,
+            CertWatch {
+                crd_found: cert_crd.clone(),
+                changed: changed.clone(),
+                cancel: cancel.clone(),
+            },
+        ),
+        cert_crd,
+    };
+    (stores, watches)
+}
+
+/// What the Certificate watch reports to and stops on.
+struct CertWatch {
+    crd_found: Arc<AtomicBool>,
+    changed: Arc<Notify>,
+    cancel: CancellationToken,
+}
+
+/// Certificates: watched once cert-manager's CRD exists (looked for every 30 s until then).
+fn certificate_watch(
+    client: Client,
+    ns: Option<String>,
+    writer: Writer<DynamicObject>,
+    w: CertWatch,
+) -> Watch<DynamicObject> {
+    let ours = format!("{LABEL_MANAGED_BY}={MANAGER_NAME}");
+    futures::stream::once(async move {
+        loop {
+            if controller::cert_crd_installed(&client).await {
+                break;
+            }
+            tokio::select! {
+                _ = w.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(CERT_CRD_POLL) => {}
+            }
+        }
+        w.crd_found.store(true, Ordering::Relaxed);
+        info!("cert-manager Certificate CRD found; watching Certificates");
+        let ar = certificate_resource();
+        let api = match &ns {
+            Some(ns) => Api::<DynamicObject>::namespaced_with(client, ns, &ar),
+            None => Api::<DynamicObject>::all_with(client, &ar),
+        };
+        let changed = w.changed;
+        Some(
+            watcher(api, list_config().labels(&ours))
+                .default_backoff()
+                .modify(slim::other)
+                .reflect(writer)
+                .inspect(move |_| changed.notify_one())
+                .touched_objects(),
+        )
+    })
+    .filter_map(|s| async move { s })
+    .flatten()
+    .boxed()
+}
+
+/// The `DerpRegion` controller, fed by `watches`, until `cancel`. Winning the Lease reconciles
+/// every region; a region whose map facts changed is reconciled at once.
+async fn run_controller(
+    watches: Watches,
+    ctx: Arc<Context>,
+    leader: watch::Receiver<bool>,
+    mut facts_changed: mpsc::UnboundedReceiver<ObjectRef<DerpRegion>>,
+    cfg: &RunConfig,
+    cancel: CancellationToken,
+) {
+    let became_leader = futures::stream::unfold(leader, |mut rx| async move {
         loop {
             rx.changed().await.ok()?;
             if *rx.borrow_and_update() {
@@ -503,35 +602,37 @@ pub async fn run(
             }
         }
     });
-    let facts_changed = futures::stream::poll_fn(move |cx| trigger_rx.poll_recv(cx));
-    let node_regions = regions_r.clone();
-    let secret_regions = regions_r.clone();
-    let shutdown = cancel.clone();
-    Controller::for_stream(regions_s, regions_r)
+    let facts_changed = futures::stream::poll_fn(move |cx| facts_changed.poll_recv(cx));
+    let node_regions = watches.regions_reader.clone();
+    let secret_regions = watches.regions_reader.clone();
+    Controller::for_stream(watches.regions, watches.regions_reader)
         .with_config(
             ControllerConfig::default()
                 .debounce(RECONCILE_DEBOUNCE)
                 .concurrency(cfg.reconcile_concurrency),
         )
         .trigger_backoff(NoTriggerBackoff)
-        .owns_stream(ds_s)
-        .owns_stream(secrets_s)
-        .owns_stream(cms_s)
-        .owns_stream_with(certs_s, cert_ar)
-        .watches_stream(nodes_s, move |n: Node| {
+        .owns_stream(watches.daemonsets)
+        .owns_stream(watches.secrets)
+        .owns_stream(watches.configmaps)
+        .owns_stream_with(watches.certificates, certificate_resource())
+        .watches_stream(watches.nodes, move |n: Node| {
             controller::regions_for_node(&node_regions, &n)
         })
-        .watches_stream(pods_s, |p: Pod| controller::region_for_pod(&p))
-        .watches_stream(provided_secrets_s, move |s: PartialObjectMeta<Secret>| {
-            controller::regions_for_secret(
-                &secret_regions,
-                s.metadata.namespace.as_deref(),
-                s.metadata.name.as_deref().unwrap_or_default(),
-            )
-        })
+        .watches_stream(watches.pods, |p: Pod| controller::region_for_pod(&p))
+        .watches_stream(
+            watches.provided_secrets,
+            move |s: PartialObjectMeta<Secret>| {
+                controller::regions_for_secret(
+                    &secret_regions,
+                    s.metadata.namespace.as_deref(),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                )
+            },
+        )
         .reconcile_on(facts_changed)
         .reconcile_all_on(became_leader)
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .graceful_shutdown_on(async move { cancel.cancelled().await })
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -542,23 +643,4 @@ pub async fn run(
             }
         })
         .await;
-    info!("controller stopped");
-
-    // The controller returns only after cancel (or when its streams end): stop everything else.
-    cancel.cancel();
-    let _ = leader_task.await;
-    let _ = map_handle.await;
-    if let Some(p) = probe_handle {
-        let _ = p.await;
-    }
-    let served = server.await;
-    if let Some(m) = metrics_server {
-        let _ = m.await;
-    }
-    info!("operator stopped");
-    match served {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(RunError::Serve(e)),
-        Err(e) => Err(RunError::Serve(std::io::Error::other(e))),
-    }
 }

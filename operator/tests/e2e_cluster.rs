@@ -241,9 +241,27 @@ fn operator_on_real_control_plane() {
         "{selfSigned: {}}",
         "",
     ));
-    wait_for("dup: Conflict=True", || {
-        let r = rig.json(&["-n", NS, "get", "derpregion", "dup"])?;
-        (condition(&r, "Conflict")? == ("True".into(), "RegionIDTaken".into())).then_some(())
+    wait_for(
+        "dup: Conflict=True RegionIDTaken, Ready=False Conflict",
+        || {
+            let r = rig.json(&["-n", NS, "get", "derpregion", "dup"])?;
+            let ok = condition(&r, "Conflict")? == ("True".into(), "RegionIDTaken".into())
+                && condition(&r, "Ready")? == ("False".into(), "Conflict".into());
+            ok.then_some(())
+        },
+    );
+    // Another id with the same code: the code is taken.
+    rig.apply(&region_yaml(
+        "dupcode",
+        902,
+        "home",
+        "nowhere",
+        "{selfSigned: {}}",
+        "",
+    ));
+    wait_for("dupcode: Conflict=True RegionCodeTaken", || {
+        let r = rig.json(&["-n", NS, "get", "derpregion", "dupcode"])?;
+        (condition(&r, "Conflict")? == ("True".into(), "RegionCodeTaken".into())).then_some(())
     });
     let (_, v) = map(port_a).unwrap();
     assert_eq!(v["Regions"]["900"]["RegionCode"], "home");
@@ -367,10 +385,19 @@ fn operator_on_real_control_plane() {
     });
     println!("region deleted -> owned objects gone: {:?}", t0.elapsed());
     // The loser of the id conflict now holds it (it has no node, so it is still not published).
-    wait_for("dup: Conflict=False", || {
-        let r = rig.json(&["-n", NS, "get", "derpregion", "dup"])?;
-        (condition(&r, "Conflict")?.0 == "False").then_some(())
-    });
+    wait_for(
+        "dup and dupcode: Conflict=False, Ready=False NoNodeSelected",
+        || {
+            let ok = ["dup", "dupcode"].iter().all(|name| {
+                rig.json(&["-n", NS, "get", "derpregion", name])
+                    .and_then(|r| Some((condition(&r, "Conflict")?, condition(&r, "Ready")?)))
+                    .is_some_and(|(c, r)| {
+                        c.0 == "False" && r == ("False".into(), "NoNodeSelected".into())
+                    })
+            });
+            ok.then_some(())
+        },
+    );
     wait_for("map without region 900", || {
         let (_, v) = map(port_a2)?;
         v["Regions"].get("900").is_none().then_some(())

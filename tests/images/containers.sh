@@ -10,6 +10,8 @@
 #     only NET_BIND_SERVICE and a self-signed IP certificate, and a high port as uid 65532 with a
 #     cert-manager-style Secret (tls.crt, tls.key, ca.crt) mounted read-only; Tailscale's Go
 #     client (derprelay) relays through each, derpprobe probes each, STUN answers; SIGTERM stops it;
+#   - the derper image under the usual Let's Encrypt recipe (a volume on /app/certs and
+#     DERP_DOMAIN) against Pebble: tests/acme/run --image;
 #   - the operator image against the cluster rig, its ServiceAccount token (TokenRequest) at
 #     /var/run/secrets/kubernetes.io/serviceaccount, with the chart's RBAC and container spec.
 # Images are left in $IMG_STORE for tests/cluster/up --real-kubelet (which imports them).
@@ -188,8 +190,29 @@ EOF
     derper_container "$name" "$tsbin"
   done
 
+  # ---- the derper image under the usual Let's Encrypt recipe, pointed at Pebble -------------
+  acme_image
+
+
   # ---- the operator image against the rig ---------------------------------------------------
   operator_container
+}
+
+# acme_image: tests/acme/run --image, which runs this image as `docker run -v ...:/app/certs -e
+# DERP_DOMAIN=...` against Pebble in a namespace of its own; each of its checks counts here.
+acme_image() {
+  local out=$TMP/acme-image.out line
+  ACME_PODMAN="${PODMAN[*]}" "$ROOT/tests/acme/run" --image "${IMAGE[derper]}" >"$out" 2>&1
+  local rc=$?
+  while IFS= read -r line; do
+    case $line in
+      "PASS "*) ok "derper image, Let's Encrypt recipe (Pebble): ${line#PASS }" ;;
+      "FAIL "*) bad "derper image, Let's Encrypt recipe (Pebble): ${line#FAIL }" ;;
+    esac
+  done <"$out"
+  if ((rc != 0)) && ! grep -q '^FAIL ' "$out"; then
+    bad "derper image, Let's Encrypt recipe: tests/acme/run --image exited $rc: $(tail -3 "$out" | tr '\n' ' ')"
+  fi
 }
 
 # run_until_ready LABEL NAME PROBES SECONDS ARGS...: podman run -d, then wait (bounded) until every
