@@ -553,6 +553,11 @@ async fn prune(ctx: &Context, region: &DerpRegion, ns: &str) -> Result<(), Error
     )
     .await
     .map_err(err("deleting a Secret the region no longer uses"))?;
+    prune::adopt_issued_secret(region, &st.secrets, &Api::namespaced(client(), ns), c)
+        .await
+        .map_err(err(
+            "adding the region as owner of the Secret cert-manager issued",
+        ))?;
     let api = Api::namespaced(client(), ns);
     prune::prune_kind(region, prune::Kind::ConfigMap, &st.configmaps, &api, c)
         .await
@@ -566,7 +571,9 @@ async fn prune(ctx: &Context, region: &DerpRegion, ns: &str) -> Result<(), Error
     Ok(())
 }
 
-/// Regions whose `tls.secretName` names this Secret (same namespace).
+/// Regions whose `tls.secretName` names this Secret, or whose Certificate cert-manager issues
+/// into it (same namespace): that Secret has no owner reference until the region adopts it
+/// (`prune::adopt_issued_secret`), so only this mapping reconciles the region when it appears.
 pub fn regions_for_secret(
     regions: &Store<DerpRegion>,
     namespace: Option<&str>,
@@ -576,7 +583,9 @@ pub fn regions_for_secret(
         .state()
         .iter()
         .filter(|r| {
-            r.spec.tls.secret_name.as_deref() == Some(name)
+            let issued_into = r.spec.tls.issuer_ref.is_some()
+                && crate::render::certificate_name(&r.name_any()) == name;
+            (r.spec.tls.secret_name.as_deref() == Some(name) || issued_into)
                 && r.metadata.namespace.as_deref() == namespace
         })
         .map(|r| ObjectRef::from_obj(&**r))
