@@ -427,9 +427,12 @@ fn region_manifest(ns: &str, selector: &str, name: &str, id: u32, i: u16, v: Var
         "{selfSigned: {}}"
     };
     let mut extra = String::new();
-    if v.per_node {
-        extra.push_str("  publish: {mode: RegionPerNode}\n");
-    }
+    // Both modes spelled out: the CRD's default changed once already.
+    extra.push_str(if v.per_node {
+        "  publish: {mode: RegionPerNode}\n"
+    } else {
+        "  publish: {mode: SharedRegion}\n"
+    });
     if let Some(n) = v.max_conns {
         extra.push_str(&format!("  extraArgs: [\"--max-connections={n}\"]\n"));
     }
