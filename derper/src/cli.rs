@@ -189,6 +189,14 @@ pub struct Cli {
     /// How long SIGTERM waits for clients to take their Restarting frame and leave.
     #[arg(long = "shutdown-timeout", env = "DERPER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = go_duration::parse)]
     pub shutdown_timeout: Duration,
+    /// Bind the public, port-80, metrics and STUN sockets with SO_REUSEPORT, so a new derper can
+    /// start beside this one on the same ports (a surge rollout) and take over its clients.
+    #[arg(long = "reuse-port", env = "DERP_REUSE_PORT", default_value = "false", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set)]
+    pub reuse_port: bool,
+    /// With --reuse-port: how long SIGTERM keeps serving while no other derper listens on the
+    /// DERP port, before its clients are moved anyway.
+    #[arg(long = "handoff-wait", env = "DERPER_HANDOFF_WAIT", default_value = "2s", value_parser = go_duration::parse)]
+    pub handoff_wait: Duration,
 
     // ---- Go flags we do not implement: recognised and refused by name (refuse_unsupported) ----
     #[arg(long = "secrets-url", hide = true)]
@@ -537,6 +545,8 @@ impl Cli {
             accept_burst: u64::try_from(self.accept_connection_burst.max(1)).unwrap_or(1),
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
+            reuse_port: self.reuse_port,
+            handoff_wait: self.handoff_wait,
             restart_reconnect_in: Duration::ZERO,
             restart_try_for: Duration::from_secs(30),
             listen_host,

@@ -101,6 +101,11 @@ pub struct Config {
     pub max_connections: usize,
     /// How long shutdown waits for clients to take their Restarting frame and go.
     pub shutdown_timeout: Duration,
+    /// SO_REUSEPORT on every listening socket (`--reuse-port`): a successor may bind beside us.
+    pub reuse_port: bool,
+    /// With `reuse_port`: how long shutdown waits for a successor to listen before it moves the
+    /// clients anyway (they would find nobody on this address).
+    pub handoff_wait: Duration,
     /// What the Restarting frame tells clients: reconnect after this, keep trying for that.
     pub restart_reconnect_in: Duration,
     pub restart_try_for: Duration,
@@ -146,6 +151,8 @@ impl Config {
             accept_burst: u64::MAX,
             max_connections: 0,
             shutdown_timeout: Duration::from_secs(5),
+            reuse_port: false,
+            handoff_wait: Duration::from_secs(2),
             restart_reconnect_in: Duration::ZERO,
             restart_try_for: Duration::from_secs(30),
             mesh: None,

@@ -175,7 +175,27 @@ pub struct ConnMeta {
     pub not_ideal: bool,
 }
 
+/// An accepted connection that may become a DERP client (see [`crate::registry::Registry::pending_add`]); ends
+/// its count when dropped.
+pub struct PendingConn {
+    server: Arc<DerpServer>,
+}
+
+impl Drop for PendingConn {
+    fn drop(&mut self) {
+        self.server.registry.pending_done();
+    }
+}
+
 impl DerpServer {
+    /// Counts an accepted connection until it turns out to be plain HTTP or ends.
+    pub fn pending_conn(self: &Arc<Self>) -> PendingConn {
+        self.registry.pending_add();
+        PendingConn {
+            server: self.clone(),
+        }
+    }
+
     /// Runs a DERP connection to completion. `preamble` is written before the ServerKey frame
     /// (the 101 response in classic mode; empty for fast start and WebSocket).
     pub async fn serve<S>(self: Arc<Self>, stream: S, preamble: &[u8], meta: ConnMeta)

@@ -281,6 +281,7 @@ pub async fn serve_connection<S>(
     router: Router,
     mut stream: S,
     remote: SocketAddr,
+    pending: crate::derp::PendingConn,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -363,6 +364,8 @@ pub async fn serve_connection<S>(
             endpoint: endpoint_label(&head.path),
         })
         .inc();
+    // Plain HTTP never becomes a DERP client: shutdown need not wait for it.
+    drop(pending);
     // Boxed like the WebSocket path: plain HTTP is rare and hyper's state is large.
     Box::pin(serve_http(router, buf.freeze(), stream)).await;
 }

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod derp;
+pub mod handoff;
 pub mod http;
 pub mod io;
 pub mod limits;

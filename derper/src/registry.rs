@@ -5,7 +5,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -207,6 +207,8 @@ struct Inner {
     sent_to: HashMap<NodePublic, HashMap<u64, Arc<ClientConn>>>,
     /// Key → forwarders that reported it, oldest first (the first one is used).
     forwarders: HashMap<NodePublic, Vec<Arc<dyn PacketForwarder>>>,
+    /// Set once shutdown tells clients to go: (reconnect in, try for) of the Restarting frame.
+    draining: Option<(u32, u32)>,
 }
 
 pub struct Registry {
@@ -214,6 +216,10 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Woken when the last client leaves, so a draining shutdown waits for exactly that.
     emptied: Notify,
+    /// Accepted connections not yet known to be plain HTTP (TLS, request head, DERP handshake,
+    /// and then the DERP connection itself): a shutdown waits for these too, so one accepted
+    /// just before the listener closed is told to go rather than cut.
+    pending: AtomicUsize,
 }
 
 impl Registry {
@@ -222,6 +228,7 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             metrics,
             emptied: Notify::new(),
+            pending: AtomicUsize::new(0),
         }
     }
 
@@ -231,6 +238,16 @@ impl Registry {
 
     /// Adds a connection after its handshake; the newest connection of a key becomes active.
     pub fn register(&self, c: &Arc<ClientConn>) {
+        let draining = self.register_locked(c);
+        // A client that finished its handshake after the drain began (accepted from the
+        // listener's queue as it closed) is told as well, or it would sit out the shutdown
+        // timeout. Outside the registry lock: the outbox has its own.
+        if let Some((reconnect, try_for)) = draining {
+            c.set_restarting(reconnect, try_for);
+        }
+    }
+
+    fn register_locked(&self, c: &Arc<ClientConn>) -> Option<(u32, u32)> {
         let mut inner = self.lock();
         match inner.clients.entry(c.key) {
             Entry::Vacant(v) => {
@@ -262,6 +279,25 @@ impl Registry {
         for w in inner.watchers.values() {
             w.enqueue_peer_updates([update.clone()]);
         }
+        inner.draining
+    }
+
+    /// Tells every client, and every one that registers from now on, that the server is
+    /// restarting; returns how many were told now.
+    pub fn start_draining(&self, reconnect_in_ms: u32, try_for_ms: u32) -> usize {
+        let conns = {
+            let mut inner = self.lock();
+            inner.draining = Some((reconnect_in_ms, try_for_ms));
+            inner
+                .clients
+                .values()
+                .flat_map(|s| s.conns.iter().cloned())
+                .collect::<Vec<_>>()
+        };
+        for c in &conns {
+            c.set_restarting(reconnect_in_ms, try_for_ms);
+        }
+        conns.len()
     }
 
     /// Removes a connection. Returns true if it was the last connection of its key.
@@ -481,7 +517,17 @@ impl Registry {
         self.lock().clients.len()
     }
 
-    /// Returns once no client is connected.
+    pub fn pending_add(&self) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn pending_done(&self) {
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Returns once no client is connected and no accepted connection may still become one.
     pub async fn wait_empty(&self) {
         loop {
             let emptied = self.emptied.notified();
@@ -489,7 +535,7 @@ impl Registry {
             // Registered before the count is read, so a last client leaving in between is not
             // missed.
             emptied.as_mut().enable();
-            if self.client_count() == 0 {
+            if self.client_count() == 0 && self.pending.load(Ordering::SeqCst) == 0 {
                 return;
             }
             emptied.await;

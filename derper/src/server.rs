@@ -59,6 +59,8 @@ pub struct ShutdownReport {
     /// Connections still open at the timeout, closed without waiting.
     pub clients_cut: usize,
     pub elapsed: Duration,
+    /// With `--reuse-port`: whether a successor was listening when the clients were moved.
+    pub successor: Option<bool>,
 }
 
 /// A running server: its bound addresses, for logs and tests.
@@ -78,9 +80,21 @@ pub struct ServerHandle {
     shutdown: CancellationToken,
     conns_stop: CancellationToken,
     shutdown_timeout: Duration,
+    /// `--reuse-port`: shutdown waits for a successor on the DERP port first.
+    handoff: Option<Handoff>,
+    /// Cancelled once the DERP listener is closed (its backlog taken).
+    listener_closed: CancellationToken,
     restart_reconnect_in: Duration,
     restart_try_for: Duration,
     tasks: JoinSet<()>,
+}
+
+/// What shutdown needs to hand the DERP port to a successor.
+struct Handoff {
+    port: u16,
+    /// Our listener's socket inode (`None` where `/proc` cannot tell: no waiting then).
+    own_inode: Option<u64>,
+    wait: Duration,
 }
 
 /// Loads the key file in Go's format, creating it (0600) with a fresh key if missing.
@@ -106,7 +120,11 @@ pub fn load_or_create_key(path: &Path) -> Result<NodePrivate, ServerError> {
     }
 }
 
-fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServerError> {
+fn bind_tcp(
+    addr: SocketAddr,
+    what: &'static str,
+    reuse_port: bool,
+) -> Result<TcpListener, ServerError> {
     let e = |error| ServerError::Bind { what, addr, error };
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
@@ -116,13 +134,35 @@ fn bind_tcp(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServerE
         let _ = s.set_only_v6(false);
     }
     s.set_reuse_address(true).map_err(e)?;
+    set_reuse_port(&s, reuse_port).map_err(e)?;
     s.set_nonblocking(true).map_err(e)?;
     s.bind(&addr.into()).map_err(e)?;
     s.listen(1024).map_err(e)?;
     TcpListener::from_std(s.into()).map_err(e)
 }
 
-fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
+/// SO_REUSEPORT lets a successor bind the same address while we still listen; the kernel then
+/// spreads new connections (and STUN datagrams) over both until we close ours. Only sockets of
+/// the same effective uid can join (Linux), so another user's process cannot take the port.
+fn set_reuse_port(s: &socket2::Socket, on: bool) -> std::io::Result<()> {
+    #[cfg(all(
+        unix,
+        not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+    ))]
+    if on {
+        return s.set_reuse_port(true);
+    }
+    let _ = s;
+    if on {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "--reuse-port needs SO_REUSEPORT, which this platform lacks",
+        ));
+    }
+    Ok(())
+}
+
+fn bind_udp(addr: SocketAddr, reuse_port: bool) -> Result<UdpSocket, ServerError> {
     let e = |error| ServerError::Bind {
         what: "STUN",
         addr,
@@ -134,6 +174,7 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     if addr.is_ipv6() {
         let _ = s.set_only_v6(false);
     }
+    set_reuse_port(&s, reuse_port).map_err(e)?;
     s.set_nonblocking(true).map_err(e)?;
     s.bind(&addr.into()).map_err(e)?;
     UdpSocket::from_std(s.into()).map_err(e)
@@ -155,10 +196,11 @@ fn bind_tcp_any(
     host: Option<IpAddr>,
     port: u16,
     what: &'static str,
+    reuse_port: bool,
 ) -> Result<TcpListener, ServerError> {
     let mut last = None;
     for a in listen_addr(host, port) {
-        match bind_tcp(a, what) {
+        match bind_tcp(a, what, reuse_port) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some(e),
         }
@@ -290,7 +332,19 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         conns_stop.clone(),
     )?);
 
-    let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP")?;
+    let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP", cfg.reuse_port)?;
+    let derp_inode = {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            crate::handoff::socket_inode(main_listener.as_raw_fd())
+        }
+        #[cfg(not(unix))]
+        {
+            None
+        }
+    };
+    let listener_closed = CancellationToken::new();
     let derp_addr = main_listener
         .local_addr()
         .map_err(|error| ServerError::Bind {
@@ -310,7 +364,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     let stun_addr = start_stun(&cfg, &metrics, &shutdown, &mut tasks);
     let http_addr = match (&tls, cfg.http_port) {
         (Some(_), Some(port)) => {
-            let l = bind_tcp_any(cfg.listen_host, port, "HTTP")?;
+            let l = bind_tcp_any(cfg.listen_host, port, "HTTP", cfg.reuse_port)?;
             let addr = l.local_addr().ok();
             let router =
                 http::port80_router(http_state.clone(), acme.as_ref().map(|a| a.challenges()));
@@ -321,7 +375,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
     };
     let metrics_addr = match cfg.metrics_addr {
         Some(a) => {
-            let l = bind_tcp(a, "metrics")?;
+            let l = bind_tcp(a, "metrics", cfg.reuse_port)?;
             let addr = l.local_addr().ok();
             let mut reg = PromRegistry::default();
             metrics.register(&mut reg);
@@ -357,6 +411,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         http_state.clone(),
         cfg.clone(),
         shutdown.clone(),
+        listener_closed.clone(),
     ));
     tasks.spawn(http::refresh_bootstrap_dns(
         http_state.clone(),
@@ -403,6 +458,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         shutdown,
         conns_stop,
         shutdown_timeout: cfg.shutdown_timeout,
+        handoff: cfg.reuse_port.then_some(Handoff {
+            port: derp_addr.port(),
+            own_inode: derp_inode,
+            wait: cfg.handoff_wait,
+        }),
+        listener_closed,
         restart_reconnect_in: cfg.restart_reconnect_in,
         restart_try_for: cfg.restart_try_for,
         tasks,
@@ -449,7 +510,7 @@ fn start_stun(
     let port = cfg.stun_port?;
     let mut sock = None;
     for a in listen_addr(cfg.listen_host, port) {
-        match bind_udp(a) {
+        match bind_udp(a, cfg.reuse_port) {
             Ok(s) => {
                 sock = Some(s);
                 break;
@@ -541,7 +602,11 @@ async fn accept_loop(
     st: Arc<HttpState>,
     cfg: Arc<Config>,
     shutdown: CancellationToken,
+    listener_closed: CancellationToken,
 ) {
+    let mut listener = Some(listener);
+    // Connections the kernel completed before the listener closed, served like any other.
+    let mut backlog: Option<std::vec::IntoIter<(TcpStream, SocketAddr)>> = None;
     let mut accept_bucket = cfg
         .accept_rate
         .map(|r| crate::limits::TokenBucket::new(r, cfg.accept_burst as f64));
@@ -558,10 +623,20 @@ async fn accept_loop(
     // their Restarting frame); whatever is left then (plain HTTP, handshakes) is aborted.
     let mut conns = JoinSet::new();
     loop {
-        let (sock, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+        let (sock, remote) = if let Some(b) = backlog.as_mut() {
+            match b.next() {
+                Some(v) => v,
+                None => break,
+            }
+        } else if let Some(l) = listener.as_ref() {
+            tokio::select! {
+            _ = shutdown.cancelled() => {
+                backlog = listener.take().map(|l| take_backlog(l).into_iter());
+                listener_closed.cancel();
+                continue;
+            }
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            r = listener.accept() => match r {
+            r = l.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; never exit.
@@ -570,6 +645,9 @@ async fn accept_loop(
                     continue;
                 }
             },
+            }
+        } else {
+            break;
         };
         st.derp.metrics.accepts.inc();
         // Over a limit the connection is closed at once and the server goes on (Go's limiter
@@ -598,16 +676,19 @@ async fn accept_loop(
         let st = st.clone();
         let router = router.clone();
         let acceptor = acceptor.clone();
+        let pending = st.derp.pending_conn();
         conns.spawn(async move {
             let _permit = permit;
             match acceptor {
-                None => http::serve_connection(st, router, sock, remote).await,
+                None => http::serve_connection(st, router, sock, remote, pending).await,
                 Some(acc) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
                         // A TLS-ALPN-01 validation: the handshake was the answer.
                         Ok(Ok(tls))
                             if tls.get_ref().1.alpn_protocol() == Some(certs::ACME_TLS_ALPN) => {}
-                        Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote).await,
+                        Ok(Ok(tls)) => {
+                            http::serve_connection(st, router, tls, remote, pending).await
+                        }
                         Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
                         Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
                     }
@@ -616,8 +697,42 @@ async fn accept_loop(
         });
     }
     drop(listener);
+    listener_closed.cancel();
     st.derp.shutdown.cancelled().await;
     conns.shutdown().await;
+}
+
+/// Closes the listener, first taking every connection already in its accept queue: closing a
+/// listening socket resets those, and with SO_REUSEPORT the kernel keeps queueing some new
+/// connections on ours until the moment it is closed.
+fn take_backlog(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    /// Bounded: a flood must not keep a closing listener open.
+    const MAX_BACKLOG: usize = 4096;
+    let Ok(std_listener) = listener.into_std() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while out.len() < MAX_BACKLOG {
+        match std_listener.accept() {
+            Ok((s, remote)) => {
+                if s.set_nonblocking(true).is_ok()
+                    && let Ok(s) = TcpStream::from_std(s)
+                {
+                    out.push((s, remote));
+                }
+            }
+            // WouldBlock: the queue is empty. Any other error: nothing more to take.
+            Err(_) => break,
+        }
+    }
+    drop(std_listener);
+    if !out.is_empty() {
+        info!(
+            connections = out.len(),
+            "took the listener's backlog before closing it"
+        );
+    }
+    out
 }
 
 async fn serve_plain_http(listener: TcpListener, router: Router, shutdown: CancellationToken) {
@@ -709,16 +824,32 @@ impl ServerHandle {
     /// Graceful stop: `/readyz` turns false, listeners close, every client gets a Restarting
     /// frame and then a clean close (today's clients ignore the frame but redial at once on
     /// the close, to the region's next node), and whatever is left after the timeout is cut.
+    ///
+    /// With `--reuse-port` it first waits (at most `--handoff-wait`, serving as before) until a
+    /// successor listens on the DERP port, and moves the clients only once our listener is
+    /// closed: their reconnect to the same address then reaches the successor.
     pub async fn shutdown(mut self) -> ShutdownReport {
         let started = tokio::time::Instant::now();
         self.http.ready.store(false, Ordering::Relaxed);
+        let mut successor = None;
+        if let Some(h) = &self.handoff
+            && let Some(inode) = h.own_inode
+        {
+            let found = crate::handoff::wait_for_successor(h.port, inode, h.wait).await;
+            if found {
+                info!(port = h.port, waited = ?started.elapsed(), "a successor listens on the DERP port: handing the clients over to it");
+            } else {
+                warn!(port = h.port, waited = ?h.wait, "no successor listens on the DERP port: clients will move to the region's other nodes");
+            }
+            successor = Some(found);
+        }
         self.shutdown.cancel();
-        let conns = self.derp.registry.all_conns();
+        // The clients are told only once nobody can reach this server through its port, so
+        // their reconnect cannot come back here.
+        let _ = tokio::time::timeout(TASK_JOIN_GRACE, self.listener_closed.cancelled()).await;
         let reconnect = u32::try_from(self.restart_reconnect_in.as_millis()).unwrap_or(u32::MAX);
         let try_for = u32::try_from(self.restart_try_for.as_millis()).unwrap_or(u32::MAX);
-        for c in &conns {
-            c.set_restarting(reconnect, try_for);
-        }
+        let told = self.derp.registry.start_draining(reconnect, try_for);
         let deadline = started + self.shutdown_timeout;
         // Clients leave as they take the close; past the deadline the rest are cut.
         let _ = tokio::time::timeout_at(deadline, self.derp.registry.wait_empty()).await;
@@ -742,11 +873,12 @@ impl ServerHandle {
             }
         }
         let report = ShutdownReport {
-            clients_told: conns.len(),
+            clients_told: told,
             clients_cut: cut,
             elapsed: started.elapsed(),
+            successor,
         };
-        info!(told = report.clients_told, cut = report.clients_cut, elapsed = ?report.elapsed, "shut down");
+        info!(told = report.clients_told, cut = report.clients_cut, elapsed = ?report.elapsed, ?successor, "shut down");
         report
     }
 

@@ -211,7 +211,7 @@ pub struct PublishSpec {
     /// one-node region, with an id from `regionId` on and a code `<code>-<n>` kept for the
     /// node's life (in `status.nodeRegions`); nothing for Headscale to reorder, no mesh needed,
     /// but each region costs every client a netcheck probe and a client whose node dies moves
-    /// to another home region instead of another node.
+    /// to another home region instead of another node. Default `RegionPerNode`.
     #[serde(default)]
     pub mode: PublishMode,
     /// `RegionPerNode`: at most this many regions (nodes), ids `regionId` ..
@@ -240,8 +240,10 @@ impl Default for PublishSpec {
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
 )]
 pub enum PublishMode {
-    #[default]
     SharedRegion,
+    /// The default: tests/headscale-day measured 0 reconnects per client in steady state under
+    /// Headscale's per-refresh shuffle, against about 0.7 per refresh for a shared region.
+    #[default]
     RegionPerNode,
 }
 

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -201,6 +201,76 @@ where
     Ok(())
 }
 
+/// The Secret cert-manager issued for the region's Certificate, when nothing owns it yet: its
+/// name and resourceVersion. cert-manager sets no owner reference on the Secrets it writes
+/// (unless it runs with `--enable-certificate-owner-ref`), so deleting the region would leave the
+/// Secret behind, key and all (tests/e2e_faults.rs found it: a deleted `issuerRef` region's
+/// Secret survived). A Secret with any owner already is left alone: cert-manager's own
+/// reference, when it sets one, makes the garbage collector remove it with the Certificate.
+pub fn unowned_issued_secret<'a>(
+    region: &DerpRegion,
+    secrets: impl IntoIterator<Item = &'a ObjectMeta>,
+) -> Option<(String, Option<String>)> {
+    region.metadata.uid.as_deref()?;
+    if region.spec.tls.issuer_ref.is_none() || region.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let cert = certificate_name(&region.name_any());
+    secrets
+        .into_iter()
+        .filter(|m| labelled_for(m, region) && m.deletion_timestamp.is_none())
+        .filter(|m| m.name.as_deref() == Some(cert.as_str()))
+        .filter(|m| {
+            m.annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_CERTIFICATE_NAME))
+                == Some(&cert)
+        })
+        .find(|m| m.owner_references.as_ref().is_none_or(Vec::is_empty))
+        .map(|m| (cert.clone(), m.resource_version.clone()))
+}
+
+/// Makes the region an owner (not the controller: cert-manager may claim that) of the Secret
+/// cert-manager issued for it, so the garbage collector deletes the Secret with the region. A
+/// merge patch guarded by the cached resourceVersion: if the Secret moved meanwhile, the next
+/// reconcile looks again. Returns whether the Secret was changed.
+pub async fn adopt_issued_secret(
+    region: &DerpRegion,
+    cache: &Store<k8s_openapi::api::core::v1::Secret>,
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    counters: &Arc<WriteCounters>,
+) -> Result<bool, kube::Error> {
+    let objects = cache.state();
+    let Some((name, rv)) = unowned_issued_secret(region, objects.iter().map(|o| o.meta())) else {
+        return Ok(false);
+    };
+    let Some(mut owner) = region.controller_owner_ref(&()) else {
+        return Ok(false);
+    };
+    owner.controller = Some(false);
+    owner.block_owner_deletion = None;
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": rv, "ownerReferences": [owner]}
+    });
+    crate::apply::count_status_write(counters);
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            info!(secret = %name, "the region now owns the Secret cert-manager issued for it (deleted with the region)");
+            Ok(true)
+        }
+        // Changed or gone meanwhile: the watch brings the new state and another reconcile.
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(false),
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            warn!(secret = %name, "not allowed to patch the Secret cert-manager issued (grant `patch` on Secrets); it will outlive its region: {}", e.message);
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +322,54 @@ mod tests {
             names(&stale(&r, Kind::ConfigMap, &cms)),
             ["home-derper-mesh-peers"]
         );
+    }
+
+    #[test]
+    fn only_an_unowned_secret_issued_for_our_certificate_is_adopted() {
+        let mut r = region("home", 900);
+        let mut issued = meta(&r, "home-derper-tls", false);
+        issued.annotations = Some(
+            [(
+                ANNOTATION_CERTIFICATE_NAME.to_string(),
+                "home-derper-tls".to_string(),
+            )]
+            .into(),
+        );
+        issued.resource_version = Some("7".into());
+        // Self-signed: the Secret is ours already, nothing to adopt.
+        assert_eq!(unowned_issued_secret(&r, [&issued]), None);
+        r.spec.tls.self_signed = None;
+        r.spec.tls.issuer_ref = Some(crate::crd::IssuerRef {
+            name: "ca".into(),
+            kind: crate::crd::IssuerKind::Issuer,
+            group: "cert-manager.io".into(),
+        });
+        assert_eq!(
+            unowned_issued_secret(&r, [&issued]),
+            Some(("home-derper-tls".into(), Some("7".into())))
+        );
+        // Owned already (by us, or by cert-manager's Certificate reference): left alone.
+        let owned = ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                uid: "cert-uid".into(),
+                ..Default::default()
+            }]),
+            ..issued.clone()
+        };
+        assert_eq!(unowned_issued_secret(&r, [&owned]), None);
+        // Not issued for our Certificate, or not labelled for this region: not ours to adopt.
+        let mut other = issued.clone();
+        other.annotations =
+            Some([(ANNOTATION_CERTIFICATE_NAME.to_string(), "x".to_string())].into());
+        assert_eq!(unowned_issued_secret(&r, [&other]), None);
+        let mut unlabelled = issued.clone();
+        unlabelled.labels = None;
+        assert_eq!(unowned_issued_secret(&r, [&unlabelled]), None);
+        // A region being deleted adopts nothing (the garbage collector is at work).
+        r.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert_eq!(unowned_issued_secret(&r, [&issued]), None);
     }
 
     #[test]

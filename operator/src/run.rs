@@ -130,6 +130,26 @@ where
     .boxed()
 }
 
+/// The controller's backoff over its merged trigger streams: none. kube-runtime's default
+/// (800 ms doubling to 30 s, with jitter, reset after 120 s) pauses *every* watch at once when
+/// any one of them reports an error, and every watcher reports its own after an API server
+/// restart (refused connects, then `410 Expired`): the stores, hence the map on every replica,
+/// then froze for over a minute with each error lengthening the pause (tests/e2e_faults.rs).
+/// Each watcher already backs off alone (`default_backoff`), which is the pacing wanted.
+struct NoTriggerBackoff;
+
+impl Iterator for NoTriggerBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        // `None` would end the controller's trigger stream; zero resumes at once.
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoTriggerBackoff {
+    fn reset(&mut self) {}
+}
+
 /// The watcher configuration every watch here starts from (see [`LIST_PAGE_SIZE`]).
 fn list_config() -> watcher::Config {
     watcher::Config::default().page_size(LIST_PAGE_SIZE)
@@ -591,6 +611,7 @@ async fn run_controller(
                 .debounce(RECONCILE_DEBOUNCE)
                 .concurrency(cfg.reconcile_concurrency),
         )
+        .trigger_backoff(NoTriggerBackoff)
         .owns_stream(watches.daemonsets)
         .owns_stream(watches.secrets)
         .owns_stream(watches.configmaps)

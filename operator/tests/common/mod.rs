@@ -244,7 +244,12 @@ impl Rig {
     ) -> (usize, u16) {
         let port: u16 = self.run("rigctl", &["freeport"]).trim().parse().unwrap();
         let log = self.state.join(format!("operator-{identity}.log"));
-        let f = std::fs::File::create(&log).unwrap();
+        // Appended: a replica restarted under the same identity keeps its predecessor's log.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = self
             .cmd(env!("CARGO_BIN_EXE_operator"))
             .args([
@@ -494,13 +499,21 @@ pub struct RegionYaml<'a> {
 }
 
 impl RegionYaml<'_> {
+    /// Without a `publish:` line in `extra`, the region is a `SharedRegion`: these tests cover
+    /// the shared region's mesh and in-region failover, written before `RegionPerNode` became
+    /// the default.
     pub fn yaml(&self) -> String {
         let (derp, stun, metrics) = self.ports;
+        let publish = if self.extra.contains("publish:") {
+            ""
+        } else {
+            "  publish: {mode: SharedRegion}\n"
+        };
         format!(
             "apiVersion: derpfleet.io/v1alpha1\nkind: DerpRegion\nmetadata: {{name: {}, namespace: {}}}\n\
              spec:\n  regionId: {}\n  code: {}\n  nodeSelector: {{derp-fleet.test/role: {}}}\n  \
              tls: {}\n  bindToNodeIP: true\n  \
-             ports: {{derpPort: {derp}, stunPort: {stun}, httpPort: -1, metricsPort: {metrics}}}\n{}",
+             ports: {{derpPort: {derp}, stunPort: {stun}, httpPort: -1, metricsPort: {metrics}}}\n{publish}{}",
             self.name, self.ns, self.id, self.code, self.selector, self.tls, self.extra
         )
     }

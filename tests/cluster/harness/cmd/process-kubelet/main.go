@@ -34,6 +34,9 @@ import (
 
 const processNodeAnnotation = "derp-fleet.test/process-node"
 
+// heartbeatAnnotation "paused" on a node stops its heartbeats (a kubelet that lost the API server).
+const heartbeatAnnotation = "derp-fleet.test/heartbeat"
+
 type multiFlag []string
 
 func (m *multiFlag) String() string     { return strings.Join(*m, ",") }

@@ -154,6 +154,13 @@ func (k *kubelet) heartbeatLoop(ctx context.Context) {
 func (k *kubelet) heartbeat(ctx context.Context, name, ip string) {
 	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	// A node annotated heartbeat=paused is a kubelet cut off from the API server: no Lease
+	// renewal and no Ready heartbeat, so the node lifecycle controller marks it NotReady after
+	// its grace period while the pods' processes keep running.
+	if n, err := k.client.CoreV1().Nodes().Get(hctx, name, metav1.GetOptions{}); err == nil &&
+		n.Annotations[heartbeatAnnotation] == "paused" {
+		return
+	}
 	now := metav1.NewMicroTime(time.Now())
 	leases := k.client.CoordinationV1().Leases(corev1.NamespaceNodeLease)
 	l, err := leases.Get(hctx, name, metav1.GetOptions{})
