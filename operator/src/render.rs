@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, Node, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, Node, ObjectFieldSelector, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
     VolumeMount,
 };
@@ -419,6 +419,7 @@ pub fn derper_args(region: &DerpRegion) -> Vec<String> {
         format!("-a={bind_host}:{}", ports.derp_port),
         format!("-hostname={hostname}"),
         "-certmode=manual".to_string(),
+        "--reuse-port=true".to_string(),
         format!("-certdir={TLS_DIR}"),
         format!("-c={STATE_DIR}/derper.key"),
     ];
@@ -470,18 +471,6 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn port(name: &str, port: i32, protocol: &str) -> ContainerPort {
-    ContainerPort {
-        name: Some(name.into()),
-        container_port: port,
-        // hostNetwork pods get hostPort = containerPort from the API server's defaulting; we
-        // set it ourselves so server-side apply sees no difference on the next reconcile.
-        host_port: Some(port),
-        protocol: Some(protocol.into()),
-        ..Default::default()
-    }
-}
-
 fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -512,7 +501,9 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
             env_from_field("HOST_IP", "status.hostIP"),
             env_from_field("NODE_NAME", "spec.nodeName"),
         ]),
-        ports: Some(container_ports(&spec.ports)),
+        // No `ports`: on the host network the API server makes every declared port a hostPort,
+        // and the scheduler would never place the surge pod beside the old one.
+        ports: None,
         readiness_probe: Some(http_probe(
             "/readyz",
             spec.ports.metrics_port,
@@ -561,12 +552,13 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
                 match_labels: Some(selector_labels(&rname)),
                 ..Default::default()
             },
-            // Host ports allow one derper per node, so a rollout replaces them one at a time.
+            // Surge: the new derper starts beside the old one on the same ports (--reuse-port),
+            // and the old one, deleted once the new one is Ready, hands its clients over.
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::Int(1)),
-                    max_surge: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
                 }),
             }),
             template: PodTemplateSpec {
@@ -580,19 +572,6 @@ pub fn render_daemonset(region: &DerpRegion) -> Result<DaemonSet, RenderError> {
         },
         ..Default::default()
     })
-}
-
-/// The ports the derper binds, as host ports.
-fn container_ports(ports: &PortsSpec) -> Vec<ContainerPort> {
-    let mut out = vec![port("derp", ports.derp_port, "TCP")];
-    if ports.stun_port != PORT_DISABLED {
-        out.push(port("stun", ports.stun_port, "UDP"));
-    }
-    if ports.http_port != PORT_DISABLED {
-        out.push(port("http", ports.http_port, "TCP"));
-    }
-    out.push(port("metrics", ports.metrics_port, "TCP"));
-    out
 }
 
 /// A non-root process cannot bind below 1024: Kubernetes sets no ambient capabilities, and

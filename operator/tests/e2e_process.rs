@@ -35,21 +35,6 @@ use serde_json::{Value, json};
 
 const NS: &str = "e2e";
 
-fn tailscale_bin() -> PathBuf {
-    let out = Command::new(common::repo_root().join("tests/interop/build"))
-        .output()
-        .expect("running tests/interop/build");
-    assert!(
-        out.status.success(),
-        "tests/interop/build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(stdout.lines().last().unwrap().trim());
-    assert!(dir.join("derpprobe").exists(), "no derpprobe in {dir:?}");
-    dir
-}
-
 /// The derper pods of `region`: (node name, pod name, restart count).
 fn pods(rig: &Rig, region: &str) -> Vec<(String, String, i64)> {
     let list = rig
@@ -177,7 +162,7 @@ fn relay(
 fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     let t_all = Instant::now();
     let derper = common::derper_bin();
-    let ts = tailscale_bin();
+    let ts = common::tailscale_bin();
     let mut rig = Rig::start(RigOptions {
         certmanager: true,
         process_kubelet: true,

@@ -36,6 +36,23 @@ pub fn derper_bin() -> PathBuf {
     bin
 }
 
+/// The bin dir of Tailscale's tools and our Go checks at the pinned version (`tests/interop/build`,
+/// cached after the first build).
+pub fn tailscale_bin() -> PathBuf {
+    let out = Command::new(repo_root().join("tests/interop/build"))
+        .output()
+        .expect("running tests/interop/build");
+    assert!(
+        out.status.success(),
+        "tests/interop/build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(stdout.lines().last().unwrap().trim());
+    assert!(dir.join("derpprobe").exists(), "no derpprobe in {dir:?}");
+    dir
+}
+
 /// What to start besides etcd, the API server, controller-manager, scheduler and kwok.
 #[derive(Default)]
 pub struct RigOptions {
