@@ -22,9 +22,12 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The derper binary next to the test's own (`cargo build -p derper`; `cargo test --workspace`
+/// The derper binary (`DERP_FLEET_E2E_DERPER` if set, as for the operator) next to the test's own (`cargo build -p derper`; `cargo test --workspace`
 /// builds it).
 pub fn derper_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DERP_FLEET_E2E_DERPER") {
+        return PathBuf::from(p);
+    }
     // target/<profile>/deps/e2e_x-<hash> -> target/<profile>/derper
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("derper");
@@ -34,6 +37,14 @@ pub fn derper_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The operator binary: `DERP_FLEET_E2E_OPERATOR` if set (a copy of one build, safe from
+/// other worktrees relinking the shared target dir), else the one cargo built for this test.
+pub fn operator_bin() -> PathBuf {
+    std::env::var_os("DERP_FLEET_E2E_OPERATOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_operator")))
 }
 
 /// The bin dir of Tailscale's tools and our Go checks at the pinned version (`tests/interop/build`,
@@ -268,7 +279,7 @@ impl Rig {
             .open(&log)
             .unwrap();
         let child = self
-            .cmd(env!("CARGO_BIN_EXE_operator"))
+            .cmd(operator_bin().to_str().unwrap())
             .args([
                 "run",
                 "--map-addr",
