@@ -14,6 +14,7 @@ use bytes::Bytes;
 use derp_client::{Client, ClientConfig, ServerToClient, TlsTrust};
 use derp_proto::frame::PeerGoneReason;
 use derp_proto::key::{MeshKey, NodePublic};
+use exp_backoff::Backoff;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -322,7 +323,7 @@ async fn run_peer(
     trust: TrustSource,
     stop: CancellationToken,
 ) {
-    let mut backoff = RECONNECT_MIN;
+    let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     loop {
         let mut cfg = ClientConfig::new(peer.url.clone(), server.private_key.clone());
         cfg.mesh_key = Some(key);
@@ -335,7 +336,10 @@ async fn run_peer(
             r = Client::connect(&cfg) => r,
         };
         match connected {
-            Err(e) => debug!("connect failed: {e}; retrying in {backoff:?}"),
+            Err(e) => debug!(
+                failures = backoff.failures() + 1,
+                "connect failed: {e}; retrying"
+            ),
             Ok(c) if c.server_key() == server.public_key => {
                 info!("mesh peer is this server itself; not meshing with it");
                 stop.cancelled().await;
@@ -350,7 +354,7 @@ async fn run_peer(
                     LinkEnd::Stopped => return,
                     LinkEnd::Broken(e) => {
                         warn!("mesh link lost: {e}; reconnecting");
-                        backoff = RECONNECT_MIN;
+                        backoff.reset();
                     }
                 }
             }
@@ -358,9 +362,8 @@ async fn run_peer(
         let jitter = Duration::from_millis(rand::random::<u64>() % 100);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(backoff.next_delay() + jitter) => {}
         }
-        backoff = (backoff * 2).min(RECONNECT_MAX);
     }
 }
 

@@ -25,6 +25,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use exp_backoff::Backoff;
+
 use crate::apply::{self, Applied, FIELD_MANAGER, WriteCounters};
 use crate::crd::{
     CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_HEALTHY, CONDITION_READY,
@@ -123,8 +125,8 @@ pub struct Context {
     pub cert_crd: Arc<AtomicBool>,
     /// Image for regions that name none.
     pub derper_image: Option<String>,
-    /// Consecutive failures per region, for [`error_policy`].
-    pub failures: Mutex<HashMap<RegionKey, u32>>,
+    /// The error backoff of each region that is failing, for [`error_policy`].
+    pub failures: Mutex<HashMap<RegionKey, Backoff>>,
     pub reconciles: std::sync::atomic::AtomicU64,
 }
 
@@ -169,18 +171,17 @@ pub async fn reconcile(region: Arc<DerpRegion>, ctx: Arc<Context>) -> Result<Act
 
 /// Backs off per region: 1 s, 2 s, 4 s ... 5 min.
 pub fn error_policy(region: Arc<DerpRegion>, err: &Error, ctx: Arc<Context>) -> Action {
-    let n = ctx
+    let (n, delay) = ctx
         .failures
         .lock()
         .map(|mut f| {
-            let n = f.entry(RegionKey::of(&region)).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
+            let b = f
+                .entry(RegionKey::of(&region))
+                .or_insert_with(|| Backoff::new(ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX));
+            let delay = b.next_delay();
+            (b.failures(), delay)
         })
-        .unwrap_or(1);
-    let delay = ERROR_BACKOFF_MIN
-        .saturating_mul(1u32 << (n - 1).min(16))
-        .min(ERROR_BACKOFF_MAX);
+        .unwrap_or((1, ERROR_BACKOFF_MIN));
     warn!(
         region = %format!("{}/{}", region.namespace().unwrap_or_default(), region.name_any()),
         error = %err, kind = err.metric_label(), failures = n, retry_in = ?delay,
@@ -1222,7 +1223,7 @@ mod tests {
     fn every_status_reason_from_the_map_build() {
         use crate::crd::{SelfSignedMode, SelfSignedSpec};
         use crate::mapbuild::{MapConfig, MapInput, build_map};
-        use crate::preview::derper_pod;
+        use crate::offline::derper_pod;
         use k8s_openapi::api::core::v1::PodCondition;
 
         let now = 1_790_000_000;

@@ -1,5 +1,6 @@
-//! derp-fleet operator library: the `DerpRegion` CRD types, the pure renderers of the objects a
-//! region owns, the pure DERP-map builder and the map HTTP server (no I/O in those), and the live
+//! derp-fleet operator library: the `DerpRegion` CRD types, the pure renderer of the objects a
+//! region owns (`render`; `offline` runs it on files for the `operator render` command), the pure
+//! DERP-map builder and the map HTTP server (no I/O in those), and the live
 //! part over them: server-side apply (`apply`), the reconciler (`controller`), the map task
 //! (`maptask`), leader election (`leader`) and the wiring of `operator run` (`run`).
 
@@ -10,7 +11,8 @@ pub mod leader;
 pub mod mapbuild;
 pub mod mapserver;
 pub mod maptask;
-pub mod preview;
+pub mod metrics;
+pub mod offline;
 pub mod probe;
 pub mod prune;
 pub mod render;

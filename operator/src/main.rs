@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use derp_operator::preview::{parse_objects, preview};
+use derp_operator::offline::{parse_objects, render_offline};
 use derp_proto::derpmap::DerpMap;
 
 #[derive(Parser)]
@@ -141,7 +141,7 @@ fn main() -> anyhow::Result<()> {
             file,
             nodes,
             format,
-        } => render(&file, nodes.as_deref(), format)?,
+        } => render_files(&file, nodes.as_deref(), format)?,
     }
     Ok(())
 }
@@ -232,7 +232,8 @@ fn read(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn render(
+/// `operator render`: the objects and map entry of each DerpRegion in `file`, offline.
+fn render_files(
     file: &std::path::Path,
     nodes: Option<&std::path::Path>,
     format: Format,
@@ -256,7 +257,7 @@ fn render(
     let mut objects = Vec::new();
     let mut map = DerpMap::default();
     for region in &objs.regions {
-        let p = preview(region, &objs.nodes, now, &mut rng)?;
+        let p = render_offline(region, &objs.nodes, now, &mut rng)?;
         objects.extend(p.rendered.to_values()?);
         map.regions.extend(p.map.regions);
     }

@@ -935,7 +935,7 @@ mod tests {
     }
 
     fn pod(region: &str, node: &str, ready: bool, since: i64) -> Pod {
-        crate::preview::derper_pod(
+        crate::offline::derper_pod(
             "derp",
             region,
             node,

@@ -20,9 +20,13 @@ use bytes::Bytes;
 use derp_proto::derpmap::DerpMap;
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::warn;
+
+use crate::metrics::Shared;
 
 /// One built map, serialised once and served many times. The bodies are `Bytes`, so a response
 /// shares them instead of copying up to a megabyte per request.
@@ -127,11 +131,9 @@ pub struct MapServerState {
     /// Why the served map is the last good one rather than the latest build.
     held: Option<watch::Receiver<Option<String>>>,
     counters: Arc<Counters>,
-    extra_metrics: Option<ExtraMetrics>,
+    /// The operator's own series, after the map server's.
+    extra_metrics: Vec<Shared>,
 }
-
-/// More Prometheus text appended to `/metrics` (the operator's own counters).
-pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
 #[derive(Default)]
 struct Counters {
@@ -148,7 +150,7 @@ impl MapServerState {
             snapshot,
             held: None,
             counters: Arc::default(),
-            extra_metrics: None,
+            extra_metrics: Vec::new(),
         }
     }
 
@@ -162,9 +164,9 @@ impl MapServerState {
         self.held.as_ref().and_then(|h| h.borrow().clone())
     }
 
-    /// Appends `f()` to every `/metrics` answer.
-    pub fn with_extra_metrics(mut self, f: ExtraMetrics) -> Self {
-        self.extra_metrics = Some(f);
+    /// Adds `c`'s series to every `/metrics` answer.
+    pub fn with_metrics(mut self, c: Arc<dyn Collector>) -> Self {
+        self.extra_metrics.push(Shared(c));
         self
     }
 }
@@ -269,45 +271,93 @@ async fn readyz(State(state): State<MapServerState>) -> Response {
 }
 
 async fn metrics(State(state): State<MapServerState>) -> Response {
-    let snap = current(&state);
-    let c = &state.counters;
-    let mut body = format!(
-        "# HELP derpfleet_map_requests_total Requests for /derpmap.json by result.\n\
-         # TYPE derpfleet_map_requests_total counter\n\
-         derpfleet_map_requests_total{{result=\"ok\"}} {}\n\
-         derpfleet_map_requests_total{{result=\"not_modified\"}} {}\n\
-         derpfleet_map_requests_total{{result=\"unavailable\"}} {}\n\
-         # HELP derpfleet_map_gzip_responses_total Full map answers sent gzip-encoded.\n\
-         # TYPE derpfleet_map_gzip_responses_total counter\n\
-         derpfleet_map_gzip_responses_total {}\n\
-         # HELP derpfleet_map_regions Regions in the served map.\n\
-         # TYPE derpfleet_map_regions gauge\n\
-         derpfleet_map_regions {}\n\
-         # HELP derpfleet_map_nodes Nodes in the served map.\n\
-         # TYPE derpfleet_map_nodes gauge\n\
-         derpfleet_map_nodes {}\n\
-         # HELP derpfleet_map_held Whether the served map is the last good one because the latest build has no region while DerpRegions exist.\n\
-         # TYPE derpfleet_map_held gauge\n\
-         derpfleet_map_held {}\n",
-        c.full.load(Ordering::Relaxed),
-        c.not_modified.load(Ordering::Relaxed),
-        c.unavailable.load(Ordering::Relaxed),
-        c.gzip.load(Ordering::Relaxed),
-        snap.as_ref().map_or(0, |s| s.regions),
-        snap.as_ref().map_or(0, |s| s.nodes),
-        u8::from(state.held().is_some()),
-    );
-    if let Some(f) = &state.extra_metrics {
-        body.push_str(&f());
+    match metrics_text(&state) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        )],
-        body,
-    )
-        .into_response()
+}
+
+/// The `/metrics` exposition: the map server's own series, then the operator's.
+pub fn metrics_text(state: &MapServerState) -> Result<String, std::fmt::Error> {
+    let snap = current(state);
+    let c = &state.counters;
+    let own = ServedMetrics {
+        ok: c.full.load(Ordering::Relaxed),
+        not_modified: c.not_modified.load(Ordering::Relaxed),
+        unavailable: c.unavailable.load(Ordering::Relaxed),
+        gzip: c.gzip.load(Ordering::Relaxed),
+        regions: snap.as_ref().map_or(0, |s| s.regions),
+        nodes: snap.as_ref().map_or(0, |s| s.nodes),
+        held: state.held().is_some(),
+    };
+    let own = Shared(Arc::new(own));
+    crate::metrics::encode(std::iter::once(own).chain(state.extra_metrics.iter().cloned()))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// The map server's series, as read at one scrape.
+#[derive(Debug)]
+struct ServedMetrics {
+    ok: u64,
+    not_modified: u64,
+    unavailable: u64,
+    gzip: u64,
+    regions: usize,
+    nodes: usize,
+    held: bool,
+}
+
+impl Collector for ServedMetrics {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::{counter, counter_family, gauge};
+        let results = [
+            ("ok", self.ok),
+            ("not_modified", self.not_modified),
+            ("unavailable", self.unavailable),
+        ];
+        counter_family(
+            &mut e,
+            "derpfleet_map_requests",
+            "Requests for /derpmap.json by result.",
+            results.map(|(result, n)| (ResultLabel { result }, n)),
+        )?;
+        counter(
+            &mut e,
+            "derpfleet_map_gzip_responses",
+            "Full map answers sent gzip-encoded.",
+            self.gzip,
+        )?;
+        gauge(
+            &mut e,
+            "derpfleet_map_regions",
+            "Regions in the served map.",
+            self.regions,
+        )?;
+        gauge(
+            &mut e,
+            "derpfleet_map_nodes",
+            "Nodes in the served map.",
+            self.nodes,
+        )?;
+        gauge(
+            &mut e,
+            "derpfleet_map_held",
+            "Whether the served map is the last good one because the latest build has no region \
+             while DerpRegions exist.",
+            i64::from(self.held),
+        )
+    }
 }
 
 #[cfg(test)]

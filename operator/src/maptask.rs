@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use derp_proto::derpmap::DerpMap;
+use exp_backoff::Backoff;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -472,8 +473,8 @@ struct ConfigMapWriter {
     known: Known,
     /// ETag of the map the ConfigMap was last written with (by this replica, as leader).
     written: Option<String>,
-    /// Delay before the next attempt after a failure (doubles up to [`CONFIGMAP_RETRY_MAX`]).
-    retry: Duration,
+    /// Delay before the next attempt after a failure.
+    backoff: Backoff,
     /// No write before this instant (the interval after a write, the backoff after a failure).
     next_at: Option<tokio::time::Instant>,
     /// Whether the last map was too large (warned once per episode).
@@ -487,7 +488,7 @@ impl ConfigMapWriter {
             counters,
             known: Known::Unread,
             written: None,
-            retry: CONFIGMAP_RETRY_MIN,
+            backoff: Backoff::new(CONFIGMAP_RETRY_MIN, CONFIGMAP_RETRY_MAX),
             next_at: None,
             too_large: false,
         }
@@ -534,7 +535,7 @@ impl ConfigMapWriter {
                     );
                 }
                 self.too_large = matches!(written, ConfigMapWrite::TooLarge(_));
-                self.retry = CONFIGMAP_RETRY_MIN;
+                self.backoff.reset();
                 self.written = Some(snap.etag.clone());
                 // At most one write per interval: a cold start changes the map many times a
                 // second, and each write sends (and gets back) the whole map twice. Mounted
@@ -542,8 +543,7 @@ impl ConfigMapWriter {
                 self.next_at = Some(tokio::time::Instant::now() + CONFIGMAP_MIN_INTERVAL);
             }
             Err(e) => {
-                let delay = self.retry;
-                self.retry = (self.retry * 2).min(CONFIGMAP_RETRY_MAX);
+                let delay = self.backoff.next_delay();
                 warn!(retry_in = ?delay, "writing ConfigMap {ns}/{name}: {e}");
                 self.forget();
                 self.next_at = Some(tokio::time::Instant::now() + delay);

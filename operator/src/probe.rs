@@ -20,7 +20,6 @@
 //! nodes (and node pairs) at once, each check within `timeout`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +38,10 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{DerpRegion, NodeProbeStatus, RegionProbeStatus};
 use crate::mapbuild::{MapOutput, RegionKey};
+use crate::metrics::{HistogramSeries, RegionLabels};
 use crate::render::{MESH_KEY_FILE, certificate_name, mesh_key_secret_name, tls_secret_name};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 
 /// The checks, in the order a node's failure is attributed (the first failing one is named).
 pub const CHECKS: [&str; 4] = ["tls", "derp", "stun", "mesh"];
@@ -275,13 +277,23 @@ impl Histogram {
         self.sum += s;
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for (c, b) in self.counts.iter().zip(BUCKETS) {
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
+    /// The histogram as the exposition takes it: counts per bucket, not cumulative.
+    fn series(&self) -> HistogramSeries {
+        let mut below = 0;
+        let buckets = BUCKETS
+            .iter()
+            .zip(self.counts)
+            .map(|(b, c)| {
+                let in_bucket = c.saturating_sub(below);
+                below = c;
+                (*b, in_bucket)
+            })
+            .collect();
+        HistogramSeries {
+            sum: self.sum,
+            count: self.count,
+            buckets,
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
     }
 }
 
@@ -308,12 +320,36 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn region_labels(k: &RegionKey) -> String {
-    format!(
-        "namespace=\"{}\",region=\"{}\"",
-        esc(&k.namespace),
-        esc(&k.name)
-    )
+#[cfg(test)]
+impl ProbeMetrics {
+    /// Two rounds over node 900-a of derp/home: STUN failed, the mesh delivery to 900-b arrived,
+    /// a TLS and a mesh latency observed.
+    pub(crate) fn example() -> Self {
+        let m = Self::default();
+        {
+            let mut s = m.lock();
+            s.rounds = 2;
+            let ms = Duration::from_millis;
+            let round = NodeRound {
+                checks: [
+                    Outcome::Ok(ms(3)),
+                    Outcome::Ok(ms(5)),
+                    Outcome::Failed("boom".into()),
+                    Outcome::Skipped,
+                ],
+                cert_not_after: Some(2_000_000_000),
+                mesh: vec![("900-b".into(), Outcome::Ok(ms(2)))],
+            };
+            let key = RegionKey::new("derp", "home");
+            s.nodes
+                .insert((key.clone(), "900-a".into()), (round, false));
+            let mut h = Histogram::default();
+            h.observe(ms(3));
+            s.latency.insert((key.clone(), "tls"), h.clone());
+            s.latency.insert((key, "mesh"), h);
+        }
+        m
+    }
 }
 
 impl ProbeMetrics {
@@ -322,124 +358,138 @@ impl ProbeMetrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
 
-    /// Prometheus text of every `derp_fleet_probe_*` series.
-    pub fn render(&self) -> String {
+impl Collector for ProbeMetrics {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::{counter, gauge, gauge_family, histogram_family};
         let m = self.lock();
-        let mut out = String::new();
-        fn help(out: &mut String, name: &str, kind: &str, text: &str) -> String {
-            let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
-            name.to_string()
-        }
-        let rounds = help(
-            &mut out,
-            "derp_fleet_probe_rounds_total",
-            "counter",
+        counter(
+            &mut e,
+            "derp_fleet_probe_rounds",
             "Probe rounds run by this replica.",
-        );
-        let _ = writeln!(out, "{rounds} {}", m.rounds);
-        let dur = help(
-            &mut out,
+            m.rounds,
+        )?;
+        gauge(
+            &mut e,
             "derp_fleet_probe_round_duration_seconds",
-            "gauge",
             "How long the latest probe round took.",
-        );
-        let _ = writeln!(out, "{dur} {}", m.round_seconds);
-        let mut success = String::new();
-        let mut healthy = String::new();
-        let mut not_after = String::new();
-        let mut mesh = String::new();
-        for ((region, node), (round, verdict)) in &m.nodes {
-            let l = format!("{},node=\"{}\"", region_labels(region), esc(node));
-            for (c, o) in CHECKS.iter().zip(&round.checks) {
-                if *o != Outcome::Skipped {
-                    let _ = writeln!(
-                        success,
-                        "derp_fleet_probe_success{{{l},check=\"{c}\"}} {}",
-                        u8::from(!o.failed())
-                    );
-                }
-            }
-            let _ = writeln!(
-                healthy,
-                "derp_fleet_probe_healthy{{{l}}} {}",
-                u8::from(*verdict)
-            );
-            if let Some(t) = round.cert_not_after {
-                let _ = writeln!(
-                    not_after,
-                    "derp_fleet_probe_cert_not_after_seconds{{{l}}} {t}"
-                );
-            }
-            for (to, o) in &round.mesh {
-                if *o != Outcome::Skipped {
-                    let _ = writeln!(
-                        mesh,
-                        "derp_fleet_probe_mesh_success{{{},from=\"{}\",to=\"{}\"}} {}",
-                        region_labels(region),
-                        esc(node),
-                        esc(to),
-                        u8::from(!o.failed())
-                    );
-                }
-            }
-        }
-        help(
-            &mut out,
+            m.round_seconds,
+        )?;
+        let node = |r: &RegionKey, node: &str| NodeLabels {
+            namespace: esc(&r.namespace),
+            region: esc(&r.name),
+            node: esc(node),
+        };
+        let success = m.nodes.iter().flat_map(|((r, n), (round, _))| {
+            let run = CHECKS.iter().zip(&round.checks);
+            run.filter(|(_, o)| **o != Outcome::Skipped)
+                .map(move |(c, o)| {
+                    let l = CheckLabels {
+                        node: node(r, n),
+                        check: *c,
+                    };
+                    (l, i64::from(!o.failed()))
+                })
+        });
+        gauge_family(
+            &mut e,
             "derp_fleet_probe_success",
-            "gauge",
             "Whether the check passed in the latest round (tls, derp, stun, mesh).",
-        );
-        out.push_str(&success);
-        help(
-            &mut out,
+            success,
+        )?;
+        gauge_family(
+            &mut e,
             "derp_fleet_probe_healthy",
-            "gauge",
             "The prober's verdict with hysteresis (0 after --probe-fail-rounds failed rounds).",
-        );
-        out.push_str(&healthy);
-        help(
-            &mut out,
+            m.nodes
+                .iter()
+                .map(|((r, n), (_, verdict))| (node(r, n), i64::from(*verdict))),
+        )?;
+        gauge_family(
+            &mut e,
             "derp_fleet_probe_cert_not_after_seconds",
-            "gauge",
             "notAfter (Unix seconds) of the certificate the node served in the latest round.",
-        );
-        out.push_str(&not_after);
-        help(
-            &mut out,
+            m.nodes
+                .iter()
+                .filter_map(|((r, n), (round, _))| Some((node(r, n), round.cert_not_after?))),
+        )?;
+        let mesh = m.nodes.iter().flat_map(|((r, n), (round, _))| {
+            let sent = round.mesh.iter().filter(|(_, o)| *o != Outcome::Skipped);
+            sent.map(move |(to, o)| {
+                let l = MeshLabels {
+                    namespace: esc(&r.namespace),
+                    region: esc(&r.name),
+                    from: esc(n),
+                    to: esc(to),
+                };
+                (l, i64::from(!o.failed()))
+            })
+        });
+        gauge_family(
+            &mut e,
             "derp_fleet_probe_mesh_success",
-            "gauge",
             "Whether a packet from a client on one node reached a client on its sibling.",
-        );
-        out.push_str(&mesh);
-        help(
-            &mut out,
+            mesh,
+        )?;
+        let region = |r: &RegionKey| RegionLabels {
+            namespace: esc(&r.namespace),
+            region: esc(&r.name),
+        };
+        histogram_family(
+            &mut e,
             "derp_fleet_probe_latency_seconds",
-            "histogram",
             "Probe latency by check: TLS handshake, whole DERP connect, STUN round trip.",
-        );
-        for ((region, check), h) in m.latency.iter().filter(|((_, c), _)| *c != "mesh") {
-            h.render(
-                &mut out,
-                "derp_fleet_probe_latency_seconds",
-                &format!("{},check=\"{check}\"", region_labels(region)),
-            );
-        }
-        help(
-            &mut out,
+            m.latency
+                .iter()
+                .filter(|((_, c), _)| *c != "mesh")
+                .map(|((r, c), h)| {
+                    let l = RegionCheckLabels {
+                        region: region(r),
+                        check: *c,
+                    };
+                    (l, h.series())
+                }),
+        )?;
+        histogram_family(
+            &mut e,
             "derp_fleet_probe_mesh_delivery_seconds",
-            "histogram",
             "Time from sending a packet on one node to receiving it on a sibling.",
-        );
-        for ((region, _), h) in m.latency.iter().filter(|((_, c), _)| *c == "mesh") {
-            h.render(
-                &mut out,
-                "derp_fleet_probe_mesh_delivery_seconds",
-                &region_labels(region),
-            );
-        }
-        out
+            m.latency
+                .iter()
+                .filter(|((_, c), _)| *c == "mesh")
+                .map(|((r, _), h)| (region(r), h.series())),
+        )
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    namespace: String,
+    region: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    #[prometheus(flatten)]
+    node: NodeLabels,
+    check: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeshLabels {
+    namespace: String,
+    region: String,
+    from: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegionCheckLabels {
+    #[prometheus(flatten)]
+    region: RegionLabels,
+    check: &'static str,
 }
 
 /// The prober task of one replica.
@@ -1082,20 +1132,8 @@ mod tests {
 
     #[test]
     fn metrics_render_success_verdict_and_histograms() {
-        let m = ProbeMetrics::default();
-        let key = RegionKey::new("derp", "home");
-        {
-            let mut s = m.lock();
-            s.rounds = 2;
-            let mut r = round(Some(2));
-            r.mesh = vec![("900-b".into(), Outcome::Ok(Duration::from_millis(2)))];
-            s.nodes.insert((key.clone(), "900-a".into()), (r, false));
-            let mut h = Histogram::default();
-            h.observe(Duration::from_millis(3));
-            s.latency.insert((key.clone(), "tls"), h.clone());
-            s.latency.insert((key, "mesh"), h);
-        }
-        let text = m.render();
+        let m = Arc::new(ProbeMetrics::example());
+        let text = crate::metrics::encode([crate::metrics::Shared(m)]).unwrap();
         for want in [
             "derp_fleet_probe_rounds_total 2",
             r#"derp_fleet_probe_success{namespace="derp",region="home",node="900-a",check="stun"} 0"#,
@@ -1103,8 +1141,10 @@ mod tests {
             r#"derp_fleet_probe_healthy{namespace="derp",region="home",node="900-a"} 0"#,
             r#"derp_fleet_probe_cert_not_after_seconds{namespace="derp",region="home",node="900-a"} 2000000000"#,
             r#"derp_fleet_probe_mesh_success{namespace="derp",region="home",from="900-a",to="900-b"} 1"#,
-            r#"derp_fleet_probe_latency_seconds_bucket{namespace="derp",region="home",check="tls",le="0.0025"} 0"#,
-            r#"derp_fleet_probe_latency_seconds_bucket{namespace="derp",region="home",check="tls",le="0.005"} 1"#,
+            r#"derp_fleet_probe_latency_seconds_bucket{le="0.0025",namespace="derp",region="home",check="tls"} 0"#,
+            r#"derp_fleet_probe_latency_seconds_bucket{le="0.005",namespace="derp",region="home",check="tls"} 1"#,
+            r#"derp_fleet_probe_latency_seconds_bucket{le="+Inf",namespace="derp",region="home",check="tls"} 1"#,
+            r#"derp_fleet_probe_latency_seconds_sum{namespace="derp",region="home",check="tls"} 0.003"#,
             r#"derp_fleet_probe_mesh_delivery_seconds_count{namespace="derp",region="home"} 1"#,
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");

@@ -24,6 +24,8 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -155,107 +157,125 @@ fn list_config() -> watcher::Config {
     watcher::Config::default().page_size(LIST_PAGE_SIZE)
 }
 
-/// Metrics text of the operator's own counters.
-fn operator_metrics(
+/// `state` serving the operator's own metrics (and the prober's) after the map server's.
+fn with_operator_metrics(
+    state: MapServerState,
     counters: Arc<WriteCounters>,
     stats: Arc<MapStats>,
     ctx: Arc<Context>,
     leader: watch::Receiver<bool>,
     probe: Option<Arc<ProbeMetrics>>,
-) -> mapserver::ExtraMetrics {
-    Arc::new(move || {
-        let mut text = counters_text(&counters, &stats, &ctx, &leader);
-        text.push_str(&region_metrics(&ctx, &stats));
-        if let Some(p) = &probe {
-            text.push_str(&p.render());
-        }
-        text
-    })
+) -> MapServerState {
+    let own = OperatorMetrics {
+        counters,
+        stats,
+        ctx,
+        leader,
+    };
+    let state = state.with_metrics(Arc::new(own));
+    match probe {
+        Some(p) => state.with_metrics(p),
+        None => state,
+    }
 }
 
-/// Per region: nodes selected and nodes in the map; and when the map last changed.
-fn region_metrics(ctx: &Context, stats: &MapStats) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::from(
-        "# HELP derp_fleet_region_desired_nodes Nodes the region selects.\n\
-         # TYPE derp_fleet_region_desired_nodes gauge\n",
-    );
-    let mut ready = String::from(
-        "# HELP derp_fleet_region_ready_nodes Nodes of the region in the DERP map.\n\
-         # TYPE derp_fleet_region_ready_nodes gauge\n",
-    );
-    if let Some(m) = ctx.map.borrow().as_ref() {
-        for (key, f) in &m.facts {
-            let l = format!("namespace=\"{}\",region=\"{}\"", key.namespace, key.name);
-            let _ = writeln!(out, "derp_fleet_region_desired_nodes{{{l}}} {}", f.desired);
-            let _ = writeln!(ready, "derp_fleet_region_ready_nodes{{{l}}} {}", f.ready);
-        }
-    }
-    out.push_str(&ready);
-    let last = stats.last_publication_ms.load(Ordering::Relaxed);
-    if last > 0 {
-        let _ = write!(
-            out,
-            "# HELP derp_fleet_map_last_publication_timestamp_seconds When this replica last \
-             published a changed map (Unix seconds).\n\
-             # TYPE derp_fleet_map_last_publication_timestamp_seconds gauge\n\
-             derp_fleet_map_last_publication_timestamp_seconds {}\n",
-            last as f64 / 1000.0
-        );
-    }
-    out
+/// The controller's and the map task's counters, and per region the nodes selected and in the
+/// map, as read at one scrape.
+struct OperatorMetrics {
+    counters: Arc<WriteCounters>,
+    stats: Arc<MapStats>,
+    ctx: Arc<Context>,
+    leader: watch::Receiver<bool>,
 }
 
-fn counters_text(
-    counters: &WriteCounters,
-    stats: &MapStats,
-    ctx: &Context,
-    leader: &watch::Receiver<bool>,
-) -> String {
-    {
+impl std::fmt::Debug for OperatorMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OperatorMetrics")
+    }
+}
+
+impl Collector for OperatorMetrics {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::{RegionLabels, counter, gauge, gauge_family};
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            "# HELP derpfleet_operator_leader Whether this replica holds the Lease.\n\
-             # TYPE derpfleet_operator_leader gauge\n\
-             derpfleet_operator_leader {}\n\
-             # HELP derpfleet_operator_reconciles_total Reconciles run (leader only).\n\
-             # TYPE derpfleet_operator_reconciles_total counter\n\
-             derpfleet_operator_reconciles_total {}\n\
-             # HELP derpfleet_operator_apply_requests_total Write requests sent (server-side apply of objects and status).\n\
-             # TYPE derpfleet_operator_apply_requests_total counter\n\
-             derpfleet_operator_apply_requests_total {}\n\
-             # HELP derpfleet_operator_writes_total Writes that changed an object.\n\
-             # TYPE derpfleet_operator_writes_total counter\n\
-             derpfleet_operator_writes_total {}\n\
-             # HELP derpfleet_operator_apply_skipped_total Applies skipped because the cache already held the object.\n\
-             # TYPE derpfleet_operator_apply_skipped_total counter\n\
-             derpfleet_operator_apply_skipped_total {}\n\
-             # HELP derpfleet_operator_events_total Kubernetes Events published.\n\
-             # TYPE derpfleet_operator_events_total counter\n\
-             derpfleet_operator_events_total {}\n\
-             # HELP derpfleet_operator_deletes_total Delete requests for objects a region no longer uses.\n\
-             # TYPE derpfleet_operator_deletes_total counter\n\
-             derpfleet_operator_deletes_total {}\n\
-             # HELP derpfleet_map_builds_total Map rebuilds.\n\
-             # TYPE derpfleet_map_builds_total counter\n\
-             derpfleet_map_builds_total {}\n\
-             # HELP derpfleet_map_publications_total Map rebuilds whose bytes changed.\n\
-             # TYPE derpfleet_map_publications_total counter\n\
-             derpfleet_map_publications_total {}\n\
-             # HELP derpfleet_map_withheld_builds_total Builds not served because they had no region while DerpRegions exist.\n\
-             # TYPE derpfleet_map_withheld_builds_total counter\n\
-             derpfleet_map_withheld_builds_total {}\n",
-            u8::from(*leader.borrow()),
-            l(&ctx.reconciles),
-            l(&counters.apply_requests),
-            l(&counters.changed),
-            l(&counters.skipped),
-            l(&counters.events),
-            l(&counters.deletes),
-            l(&stats.builds),
-            l(&stats.publications),
-            l(&stats.withheld),
-        )
+        let (c, s) = (&self.counters, &self.stats);
+        let leader = i64::from(*self.leader.borrow());
+        gauge(
+            &mut e,
+            "derpfleet_operator_leader",
+            "Whether this replica holds the Lease.",
+            leader,
+        )?;
+        let counters = [
+            (
+                "derpfleet_operator_reconciles",
+                "Reconciles run (leader only).",
+                &self.ctx.reconciles,
+            ),
+            (
+                "derpfleet_operator_apply_requests",
+                "Write requests sent (server-side apply of objects and status).",
+                &c.apply_requests,
+            ),
+            (
+                "derpfleet_operator_writes",
+                "Writes that changed an object.",
+                &c.changed,
+            ),
+            (
+                "derpfleet_operator_apply_skipped",
+                "Applies skipped because the cache already held the object.",
+                &c.skipped,
+            ),
+            (
+                "derpfleet_operator_events",
+                "Kubernetes Events published.",
+                &c.events,
+            ),
+            (
+                "derpfleet_operator_deletes",
+                "Delete requests for objects a region no longer uses.",
+                &c.deletes,
+            ),
+            ("derpfleet_map_builds", "Map rebuilds.", &s.builds),
+            (
+                "derpfleet_map_publications",
+                "Map rebuilds whose bytes changed.",
+                &s.publications,
+            ),
+            (
+                "derpfleet_map_withheld_builds",
+                "Builds not served because they had no region while DerpRegions exist.",
+                &s.withheld,
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut e, name, help, l(value))?;
+        }
+        let map = self.ctx.map.borrow().clone();
+        let facts = || map.iter().flat_map(|m| m.facts.iter());
+        gauge_family(
+            &mut e,
+            "derp_fleet_region_desired_nodes",
+            "Nodes the region selects.",
+            facts().map(|(k, f)| (RegionLabels::of(k), i64::from(f.desired))),
+        )?;
+        gauge_family(
+            &mut e,
+            "derp_fleet_region_ready_nodes",
+            "Nodes of the region in the DERP map.",
+            facts().map(|(k, f)| (RegionLabels::of(k), i64::from(f.ready))),
+        )?;
+        let last = l(&s.last_publication_ms);
+        if last > 0 {
+            gauge(
+                &mut e,
+                "derp_fleet_map_last_publication_timestamp_seconds",
+                "When this replica last published a changed map (Unix seconds).",
+                last as f64 / 1000.0,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -344,15 +364,14 @@ pub async fn run(
         failures: Default::default(),
         reconciles: Default::default(),
     });
-    let state = MapServerState::new(snap_rx)
-        .with_held(held_rx)
-        .with_extra_metrics(operator_metrics(
-            counters,
-            stats,
-            ctx.clone(),
-            leader_rx.clone(),
-            probe_metrics,
-        ));
+    let state = with_operator_metrics(
+        MapServerState::new(snap_rx).with_held(held_rx),
+        counters,
+        stats,
+        ctx.clone(),
+        leader_rx.clone(),
+        probe_metrics,
+    );
     let servers = Servers::spawn(map_listener, metrics_listener, &state, &cancel);
 
     run_controller(watches, ctx, leader_rx, trigger_rx, &cfg, cancel.clone()).await;
@@ -643,4 +662,167 @@ async fn run_controller(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::mapbuild::{MapOutput, RegionFacts, RegionKey};
+
+    /// Each series of an exposition as `type name{label keys, sorted}`. A sample's type is its
+    /// family's (`# TYPE`), found by the sample's name or by the name less `_total`, `_bucket`,
+    /// `_sum` or `_count` (the text format names a counter family with `_total`, OpenMetrics
+    /// without).
+    fn shape(text: &str) -> BTreeSet<String> {
+        let types: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.strip_prefix("# TYPE ")?.split_whitespace();
+                Some((it.next()?, it.next()?))
+            })
+            .collect();
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty());
+        samples
+            .map(|l| {
+                let name = l.split(['{', ' ']).next().unwrap_or_default();
+                let mut keys: Vec<&str> = l
+                    .split_once('{')
+                    .and_then(|(_, rest)| rest.split_once('}'))
+                    .map(|(ls, _)| ls.split(',').filter_map(|kv| kv.split_once('=')))
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k)
+                    .collect();
+                keys.sort_unstable();
+                let kind = types.get(name).or_else(|| {
+                    ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| types.get(name.strip_suffix(s)?))
+                });
+                format!(
+                    "{} {name}{{{}}}",
+                    kind.unwrap_or(&"untyped"),
+                    keys.join(",")
+                )
+            })
+            .collect()
+    }
+
+    /// `/metrics` of a replica that leads, has published a map with one region and probes one
+    /// node (the way `run` wires it).
+    fn exposition() -> String {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let stores = Stores {
+            regions: reflector::store().0,
+            nodes: reflector::store().0,
+            pods: reflector::store().0,
+            secrets: reflector::store().0,
+            configmaps: reflector::store().0,
+            daemonsets: reflector::store().0,
+            certificates: Writer::<DynamicObject>::new(certificate_resource()).as_reader(),
+        };
+        let mut out = MapOutput::default();
+        let facts = RegionFacts {
+            desired: 3,
+            ready: 2,
+            ..Default::default()
+        };
+        out.facts.insert(RegionKey::new("derp", "home"), facts);
+        let (_, map) = watch::channel(Some(Arc::new(out)));
+        let (_, probe) = watch::channel(None);
+        let (_, leader) = watch::channel(true);
+        let reporter = Reporter {
+            controller: "test".into(),
+            instance: None,
+        };
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            stores,
+            recorder: Recorder::new(client, reporter),
+            counters: Arc::default(),
+            map,
+            probe,
+            probe_gates_map: false,
+            leader: leader.clone(),
+            cert_crd: Arc::default(),
+            derper_image: None,
+            failures: Default::default(),
+            reconciles: Default::default(),
+        });
+        ctx.reconciles.store(7, Ordering::Relaxed);
+        let stats = Arc::new(MapStats::default());
+        stats
+            .last_publication_ms
+            .store(1_790_000_000_500, Ordering::Relaxed);
+        let (_, snap) = watch::channel(None);
+        let (_, held) = watch::channel(None);
+        let state = MapServerState::new(snap).with_held(held);
+        let state = with_operator_metrics(
+            state,
+            ctx.counters.clone(),
+            stats,
+            ctx,
+            leader,
+            Some(Arc::new(crate::probe::ProbeMetrics::example())),
+        );
+        mapserver::metrics_text(&state).unwrap()
+    }
+
+    /// Every name, type and label key the chart's dashboard, its alerts and the e2e tests may
+    /// read; a change here is a breaking change for every Prometheus that stored them.
+    #[tokio::test]
+    async fn metrics_keep_every_name_type_and_label() {
+        let text = exposition();
+        let want = [
+            "counter derpfleet_map_builds_total{}",
+            "counter derpfleet_map_gzip_responses_total{}",
+            "counter derpfleet_map_publications_total{}",
+            "counter derpfleet_map_requests_total{result}",
+            "counter derpfleet_map_withheld_builds_total{}",
+            "counter derpfleet_operator_apply_requests_total{}",
+            "counter derpfleet_operator_apply_skipped_total{}",
+            "counter derpfleet_operator_deletes_total{}",
+            "counter derpfleet_operator_events_total{}",
+            "counter derpfleet_operator_reconciles_total{}",
+            "counter derpfleet_operator_writes_total{}",
+            "counter derp_fleet_probe_rounds_total{}",
+            "gauge derpfleet_map_held{}",
+            "gauge derpfleet_map_nodes{}",
+            "gauge derpfleet_map_regions{}",
+            "gauge derpfleet_operator_leader{}",
+            "gauge derp_fleet_map_last_publication_timestamp_seconds{}",
+            "gauge derp_fleet_probe_cert_not_after_seconds{namespace,node,region}",
+            "gauge derp_fleet_probe_healthy{namespace,node,region}",
+            "gauge derp_fleet_probe_mesh_success{from,namespace,region,to}",
+            "gauge derp_fleet_probe_round_duration_seconds{}",
+            "gauge derp_fleet_probe_success{check,namespace,node,region}",
+            "gauge derp_fleet_region_desired_nodes{namespace,region}",
+            "gauge derp_fleet_region_ready_nodes{namespace,region}",
+            "histogram derp_fleet_probe_latency_seconds_bucket{check,le,namespace,region}",
+            "histogram derp_fleet_probe_latency_seconds_count{check,namespace,region}",
+            "histogram derp_fleet_probe_latency_seconds_sum{check,namespace,region}",
+            "histogram derp_fleet_probe_mesh_delivery_seconds_bucket{le,namespace,region}",
+            "histogram derp_fleet_probe_mesh_delivery_seconds_count{namespace,region}",
+            "histogram derp_fleet_probe_mesh_delivery_seconds_sum{namespace,region}",
+        ];
+        let got = shape(&text);
+        let want: BTreeSet<String> = want.into_iter().map(String::from).collect();
+        assert_eq!(got, want, "{text}");
+        for sample in [
+            "derpfleet_operator_leader 1",
+            "derpfleet_operator_reconciles_total 7",
+            "derpfleet_map_requests_total{result=\"not_modified\"} 0",
+            "derp_fleet_region_desired_nodes{namespace=\"derp\",region=\"home\"} 3",
+            "derp_fleet_region_ready_nodes{namespace=\"derp\",region=\"home\"} 2",
+            "derp_fleet_map_last_publication_timestamp_seconds 1790000000.5",
+            "derp_fleet_probe_rounds_total 2",
+        ] {
+            assert!(text.contains(sample), "no {sample:?} in\n{text}");
+        }
+    }
 }

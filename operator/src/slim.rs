@@ -280,7 +280,7 @@ mod tests {
     }
 
     fn pod_with(ready: &str, running: bool) -> Pod {
-        let mut p = crate::preview::derper_pod(
+        let mut p = crate::offline::derper_pod(
             "derp",
             "home",
             "a",

@@ -16,11 +16,15 @@
 #     /var/run/secrets/kubernetes.io/serviceaccount, with the chart's RBAC and container spec.
 # Images are left in $IMG_STORE for tests/cluster/up --real-kubelet (which imports them).
 
-IMG_STORE=${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/containers
+IMG_STORE=${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/containers-v2
 # Fixed root and runroot: podman records both in its database and refuses a different pair later.
-PODMAN=(podman --root "$IMG_STORE/storage" --runroot "$IMG_STORE/run" --runtime runc --cgroup-manager cgroupfs
+# The runroot is not under the cache: podman refuses one longer than 50 characters, which a cache
+# path such as a cold run's /var/tmp/derp-fleet-cold.XXXXXX/cache/... exceeds. Named by a hash of
+# the store's path, it stays the same for the same store.
+IMG_RUNROOT=/run/derp-fleet-podman-$(printf '%s' "$IMG_STORE" | sha256sum | cut -c1-12)
+PODMAN=(podman --root "$IMG_STORE/storage" --runroot "$IMG_RUNROOT" --runtime runc --cgroup-manager cgroupfs
   --events-backend file)
-BUILDAH=(buildah --root "$IMG_STORE/storage" --runroot "$IMG_STORE/run")
+BUILDAH=(buildah --root "$IMG_STORE/storage" --runroot "$IMG_RUNROOT")
 APP_VERSION=$(awk '$1 == "appVersion:" { gsub(/"/, "", $2); print $2 }' "$ROOT/charts/derp-fleet/Chart.yaml")
 BASE_TAG=localhost/derp-fleet-test/static:nonroot
 case $(uname -m) in x86_64) DOCKER_ARCH=amd64 ;; aarch64) DOCKER_ARCH=arm64 ;; *) DOCKER_ARCH=$(uname -m) ;; esac
@@ -55,6 +59,14 @@ containers_main() {
   fi
   ok "container tools: $(podman --version), $(buildah --version | cut -d' ' -f1-3), $(runc --version | head -1)"
   mkdir -p "$IMG_STORE"
+  # The store before containers-v2 recorded a runroot under the cache; podman would refuse it
+  # with the new one. Its images are rebuilt below anyway.
+  local old_store=${IMG_STORE%-v2}
+  if [[ -d $old_store/storage ]]; then
+    note "removing the previous image store $old_store (runroot moved to $IMG_RUNROOT)"
+    podman --root "$old_store/storage" --runroot "$old_store/run" system reset -f >/dev/null 2>&1
+    rm -rf "$old_store"
+  fi
 
   # ---- the base image: a local stand-in for gcr.io/distroless/static-debian12:nonroot ----------
   local B=$TMP/base-ctx

@@ -161,9 +161,11 @@ HAND = [
     ("spec.publish.mode enum", {"publish": {"mode": "RegionPerNode"}}, []),
     # regionId
     ("spec.regionId" + R_RANGE, {"regionId": 0}, [("spec.regionId", CEL)]),
-    ("spec.regionId" + R_RANGE, {"regionId": 4294967296}, [("spec.regionId", CEL)]),
+    # (SharedRegion at the top of the range: the default RegionPerNode reserves maxRegions ids
+    # from regionId on, which the spec-level rule above checks on its own)
+    ("spec.regionId" + R_RANGE, {"regionId": 4294967296, "publish": {"mode": "SharedRegion"}}, [("spec.regionId", CEL)]),
     ("spec.regionId" + R_RANGE, {"regionId": 1}, []),
-    ("spec.regionId" + R_RANGE, {"regionId": 4294967295}, []),
+    ("spec.regionId" + R_RANGE, {"regionId": 4294967295, "publish": {"mode": "SharedRegion"}}, []),
     # tls: exactly one mode
     ("spec.tls" + R_RANGE, T(), [("spec.tls", CEL)]),
     ("spec.tls" + R_RANGE, T(selfSigned={}, secretName="s"), [("spec.tls", CEL)]),

@@ -38,7 +38,7 @@ story_build() {
   export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--buildvcs=false}"
   svchash=$(cd "$STORY_DIR/svcproxy" && cat go.mod go.sum main.go | sha256sum | cut -c1-12)
   SVCBIN=$PEERS/story-svcproxy-$svchash/bin
-  IMGDIR=${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/containers/archives
+  IMGDIR=${DERP_FLEET_CACHE:-$HOME/.cache/derp-fleet}/containers-v2/archives
   if [ "$BUILD" = 1 ]; then
     tb=$(now)
     "$repo/tests/cluster/build" >&2 || { verdict build 1 "tests/cluster/build failed"; finish; exit 1; }

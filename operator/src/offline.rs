@@ -1,6 +1,7 @@
-//! `operator render` without a cluster: read DerpRegions and Nodes from YAML files, render what
-//! the controller would apply, and the map entry the region would get once every selected node's
-//! derper is Ready. Also what the golden tests under `tests/golden/` compare.
+//! Rendering offline, for the `operator render` command: read DerpRegions and Nodes from YAML
+//! files, render (with `render.rs`, the controller's pure renderer) what the controller would
+//! apply, and build the map entry the region would get once every selected node's derper is
+//! Ready. Also what the golden tests under `tests/golden/` compare.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::render::{RenderContext, Rendered, common_labels, render};
 use crate::select::plan_nodes;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PreviewError {
+pub enum OfflineError {
     #[error("YAML document {index}: {source}")]
     Yaml {
         index: usize,
@@ -43,11 +44,11 @@ pub struct Objects {
 }
 
 /// Parses every document of `text`; `kind: List` (as `kubectl get -o yaml` prints) is unpacked.
-pub fn parse_objects(text: &str) -> Result<Objects, PreviewError> {
+pub fn parse_objects(text: &str) -> Result<Objects, OfflineError> {
     let mut out = Objects::default();
     for (index, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let v = yaml_serde::Value::deserialize(doc)
-            .map_err(|source| PreviewError::Yaml { index, source })?;
+            .map_err(|source| OfflineError::Yaml { index, source })?;
         if v.is_null() {
             continue;
         }
@@ -56,13 +57,13 @@ pub fn parse_objects(text: &str) -> Result<Objects, PreviewError> {
     Ok(out)
 }
 
-fn push_object(out: &mut Objects, v: yaml_serde::Value, index: usize) -> Result<(), PreviewError> {
+fn push_object(out: &mut Objects, v: yaml_serde::Value, index: usize) -> Result<(), OfflineError> {
     let kind = v
         .get("kind")
         .and_then(|k| k.as_str())
         .unwrap_or_default()
         .to_string();
-    let yaml = |source| PreviewError::Yaml { index, source };
+    let yaml = |source| OfflineError::Yaml { index, source };
     match kind.as_str() {
         "DerpRegion" => {
             let mut r: DerpRegion = yaml_serde::from_value(v).map_err(yaml)?;
@@ -79,7 +80,7 @@ fn push_object(out: &mut Objects, v: yaml_serde::Value, index: usize) -> Result<
                 }
             }
         }
-        "" => return Err(PreviewError::Kind { index, kind }),
+        "" => return Err(OfflineError::Kind { index, kind }),
         _ => {
             // Example files carry their Namespace or Issuer; rendering needs only regions.
             let name = v
@@ -95,7 +96,7 @@ fn push_object(out: &mut Objects, v: yaml_serde::Value, index: usize) -> Result<
 
 /// What one region would become.
 #[derive(Debug, Clone)]
-pub struct Preview {
+pub struct OfflineRender {
     pub rendered: Rendered,
     /// The map with this region alone, every selected node Ready.
     pub map: DerpMap,
@@ -103,12 +104,12 @@ pub struct Preview {
 
 /// Renders `region` over `nodes` as if it had just been created, and the map entry it would get
 /// once every selected derper is Ready.
-pub fn preview(
+pub fn render_offline(
     region: &DerpRegion,
     nodes: &[Node],
     now_unix: i64,
     rng: &mut dyn RngCore,
-) -> Result<Preview, PreviewError> {
+) -> Result<OfflineRender, OfflineError> {
     let rendered = render(
         region,
         &RenderContext {
@@ -119,7 +120,7 @@ pub fn preview(
         },
         rng,
     )?;
-    let now = Timestamp::from_second(now_unix).map_err(|e| PreviewError::Clock(e.to_string()))?;
+    let now = Timestamp::from_second(now_unix).map_err(|e| OfflineError::Clock(e.to_string()))?;
     let pods: Vec<Pod> = plan_nodes(&region.spec, nodes)
         .into_iter()
         .map(|p| ready_pod(region, &p.node_name))
@@ -140,7 +141,7 @@ pub fn preview(
         },
         &MapConfig::default(),
     );
-    Ok(Preview {
+    Ok(OfflineRender {
         rendered,
         map: out.map,
     })
@@ -196,7 +197,7 @@ mod golden {
     /// Rendered objects as a YAML stream, then the map as JSON and as Headscale YAML. Generated
     /// certificate material is random (ECDSA), so it is replaced by a marker and the pin by a
     /// fixed string; the unit tests check those separately.
-    fn golden_text(p: &Preview) -> String {
+    fn golden_text(p: &OfflineRender) -> String {
         let mut s = String::new();
         let pin_marker = "sha256-raw:<pin of the generated certificate>";
         for mut v in p.rendered.to_values().unwrap() {
@@ -248,7 +249,7 @@ mod golden {
             let objs = parse_objects(&std::fs::read_to_string(&case).unwrap()).unwrap();
             let region = &objs.regions[0];
             let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-            let p = preview(region, &nodes, NOW, &mut rng).unwrap();
+            let p = render_offline(region, &nodes, NOW, &mut rng).unwrap();
             let text = golden_text(&p);
             let out = case.with_file_name(
                 case.file_name()
