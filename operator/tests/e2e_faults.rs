@@ -303,10 +303,21 @@ fn changed(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) 
         .collect()
 }
 
-/// Waits until `versions` is unchanged for `quiet`: what is in flight (pods turning Ready,
-/// cert-manager issuing, a status write) must not be blamed on the fault that follows.
-fn wait_quiet(rig: &Rig, ns: &str, map_cm: &str, quiet: Duration) -> BTreeMap<String, String> {
+/// Waits until the map ConfigMap holds the map `port` serves (the leader writes it at most every
+/// 5 s, so a write may be pending) and `versions` is unchanged for `quiet`: what is in flight
+/// (pods turning Ready, cert-manager issuing, a status or ConfigMap write) must not be blamed on
+/// the fault that follows.
+fn wait_quiet(
+    rig: &Rig,
+    ns: &str,
+    map_cm: &str,
+    port: u16,
+    quiet: Duration,
+) -> BTreeMap<String, String> {
     let (v, d) = wait_for("objects quiet", || {
+        let served = http_get(port, "/derpmap.json")?.2;
+        let cm = rig.json(&["-n", "default", "get", "configmap", map_cm])?;
+        (cm["data"]["derpmap.json"].as_str()? == served).then_some(())?;
         let first = versions(rig, ns, map_cm);
         std::thread::sleep(quiet);
         let second = versions(rig, ns, map_cm);
@@ -688,7 +699,7 @@ fn control_plane_faults(rig: &mut Rig) {
         .to_string();
 
     for (round, comp) in ["kube-apiserver", "etcd"].into_iter().enumerate() {
-        let before = wait_quiet(rig, ns, &map_cm, Duration::from_secs(3));
+        let before = wait_quiet(rig, ns, &map_cm, pa, Duration::from_secs(3));
         let (want, _) = map_now(pa).unwrap();
         assert_eq!(
             map_now(pb).unwrap().0,
@@ -860,7 +871,7 @@ fn leader_loss(rig: &mut Rig) {
     apply_model(rig, ns, ns, &model);
     wait_converged(rig, ns, pa, 3, &model, common::WAIT);
     wait_converged(rig, ns, pb, 3, &model, common::WAIT);
-    let before = wait_quiet(rig, ns, &map_cm, Duration::from_secs(2));
+    let before = wait_quiet(rig, ns, &map_cm, pa, Duration::from_secs(2));
     let (want, _) = map_now(pa).unwrap();
     assert_eq!(
         map_now(pb).unwrap().0,
