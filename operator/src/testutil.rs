@@ -5,10 +5,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{DerpRegion, DerpRegionSpec};
 
-/// A region `derp/<name>` with id `id`, code = name, self-signed pinned TLS, defaults elsewhere.
+/// A region `derp/<name>` with id `id`, code = name, self-signed pinned TLS, `SharedRegion` (the
+/// mode these fixtures were written for: ids and codes conflict, nodes mesh; the per-node tests
+/// set `RegionPerNode`), defaults elsewhere.
 pub fn region(name: &str, id: i64) -> DerpRegion {
     let spec: DerpRegionSpec = serde_json::from_value(serde_json::json!({
-        "regionId": id, "code": name, "tls": {"selfSigned": {}}
+        "regionId": id, "code": name, "tls": {"selfSigned": {}},
+        "publish": {"mode": "SharedRegion"}
     }))
     .unwrap();
     let mut r = DerpRegion::new(name, spec);
