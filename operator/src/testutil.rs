@@ -5,9 +5,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{DerpRegion, DerpRegionSpec};
 
-/// A region `derp/<name>` with id `id`, code = name, self-signed pinned TLS, published as one
-/// shared region (the mode most fixtures reason about: every node in one entry, meshed; tests
-/// of `RegionPerNode` say so), defaults elsewhere.
+/// A region `derp/<name>` with id `id`, code = name, self-signed pinned TLS, `SharedRegion` (the
+/// mode these fixtures were written for: ids and codes conflict, nodes mesh; the per-node tests
+/// set `RegionPerNode`), defaults elsewhere.
 pub fn region(name: &str, id: i64) -> DerpRegion {
     let spec: DerpRegionSpec = serde_json::from_value(serde_json::json!({
         "regionId": id, "code": name, "tls": {"selfSigned": {}},
