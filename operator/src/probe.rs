@@ -387,7 +387,7 @@ impl Collector for ProbeMetrics {
                 .map(move |(c, o)| {
                     let l = CheckLabels {
                         node: node(r, n),
-                        check: *c,
+                        check: c,
                     };
                     (l, i64::from(!o.failed()))
                 })
@@ -446,7 +446,7 @@ impl Collector for ProbeMetrics {
                 .map(|((r, c), h)| {
                     let l = RegionCheckLabels {
                         region: region(r),
-                        check: *c,
+                        check: c,
                     };
                     (l, h.series())
                 }),
