@@ -2,6 +2,12 @@
 //! to a cap, and starts over after a success. The derper's mesh links and the operator's
 //! reconciler and `derp-map` ConfigMap writer retry with it, so all three back off alike. Pure:
 //! it computes delays; callers sleep (and add jitter where many peers retry at once).
+//!
+//! Why not `backon` (already in the tree through kube-runtime): its `ExponentialBackoff` is an
+//! iterator for one retry sequence, rebuilt for every streak; the callers here keep one state per
+//! key in a map (the reconciler, per region), report the failure count (logs and status), and pin
+//! the exact, jitter-free sequence in tests. Twenty lines of arithmetic serve that more plainly
+//! than an adapter around the iterator would.
 
 use std::time::Duration;
 
