@@ -22,17 +22,15 @@ import json
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
-
-def hostport(s):
-    h, p = s.rsplit(":", 1)
-    return h, int(p)
+# The story's stream tool holds the socket helpers (SOCKS5 through a userspace tailscaled).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "story"))
+from stream import hostport, read_exact, socks5_connect  # noqa: E402
 
 
 # ---- probes ----------------------------------------------------------------------------------
@@ -77,33 +75,6 @@ def flow_sink(a):
             continue
         threading.Thread(target=serve, args=(c, peer), daemon=True).start()
     return 0
-
-
-def read_exact(c, n):
-    buf = bytearray()
-    while len(buf) < n:
-        b = c.recv(n - len(buf))
-        if not b:
-            raise EOFError("closed after %d of %d bytes" % (len(buf), n))
-        buf += b
-    return bytes(buf)
-
-
-def socks5_connect(proxy, dest, timeout):
-    c = socket.create_connection(hostport(proxy), timeout=timeout)
-    c.sendall(b"\x05\x01\x00")
-    if read_exact(c, 2) != b"\x05\x00":
-        raise OSError("SOCKS5: no-auth method refused")
-    host, port = hostport(dest)
-    c.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port))
-    rep = read_exact(c, 4)
-    if rep[1] != 0:
-        raise OSError("SOCKS5: CONNECT %s refused, reply code %d" % (dest, rep[1]))
-    alen = {1: 4, 4: 16}.get(rep[3])
-    if alen is None:
-        alen = read_exact(c, 1)[0]
-    read_exact(c, alen + 2)
-    return c
 
 
 def flow(a):
