@@ -165,8 +165,7 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
     });
     rig.install_crd();
     rig.kubectl(&["create", "namespace", NS]);
-    let pid_ = std::process::id();
-    let net = format!("127.{}.{}", 100 + pid_ % 100, 1 + (pid_ / 100) % 250);
+    let net = common::loopback_net();
     let first = format!("{net}.1");
     rig.create_nodes("probe-", 3, &first, "probe", true);
     let ips: Vec<String> = (1..=3).map(|i| format!("{net}.{i}")).collect();

@@ -173,8 +173,7 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     rig.kubectl(&["create", "namespace", NS]);
 
     // Two process nodes on a 127.x range of our own (the derpers really bind these addresses).
-    let pid = std::process::id();
-    let net = format!("127.{}.{}", 100 + pid % 100, 1 + (pid / 100) % 250);
+    let net = common::loopback_net();
     let ips = [format!("{net}.1"), format!("{net}.2")];
     rig.create_nodes("proc-", 2, &ips[0], "proc", true);
 

@@ -247,8 +247,7 @@ fn derper_rollouts_under_traffic() {
     });
     rig.install_crd();
     rig.kubectl(&["create", "namespace", NS]);
-    let pid = std::process::id();
-    let net = format!("127.{}.{}", 100 + pid % 100, 1 + (pid / 100) % 250);
+    let net = common::loopback_net();
     rig.create_nodes("roll-", 2, &format!("{net}.1"), "roll", true);
     // The chart's default not-ready grace (10 min): the map rides out a rollout.
     let port = rig.start_leader("op-roll", Duration::from_secs(600));

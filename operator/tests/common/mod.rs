@@ -18,6 +18,13 @@ use serde_json::Value;
 /// Bound of every wait: the rig is a busy 2-core machine shared with builds.
 pub const WAIT: Duration = Duration::from_secs(90);
 
+/// A /24-sized prefix `127.A.B` of loopback addresses for this test process's nodes, derived from
+/// its pid so that tests running at once (and the derpers they start) never share an address.
+pub fn loopback_net() -> String {
+    let pid = std::process::id();
+    format!("127.{}.{}", 100 + pid % 100, 1 + (pid / 100) % 250)
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
