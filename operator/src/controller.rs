@@ -755,9 +755,6 @@ impl ReadyReason {
         match &facts.not_published {
             _ if facts.published => Self::Published,
             Some(NotPublished::Conflict(_)) => Self::Conflict,
-            // With no node selected a self-signed region has no certificate yet either (it is
-            // made for the first node): the selection is what a person must change first.
-            _ if facts.desired == 0 => Self::NoNodeSelected,
             Some(NotPublished::Certificate(_)) => Self::WaitingForCertificate,
             Some(NotPublished::InvalidRegionId(_)) => Self::InvalidRegionID,
             Some(NotPublished::NoNodeSelected) => Self::NoNodeSelected,
@@ -1319,7 +1316,8 @@ mod tests {
                 "pinned-no-node",
                 "NoNodeSelected",
                 "Unique",
-                "not in the DERP map",
+                // the message names what the reason names, not the certificate still to come
+                "no node matches",
             ),
             (
                 "invalid",

@@ -439,19 +439,20 @@ impl Build<'_> {
 
         let region_id = u32::try_from(spec.region_id).ok().filter(|id| *id > 0);
         let cert = region_cert(region, &self.secrets);
+        // The first thing a person must change comes first. With no node selected a self-signed
+        // region has no certificate yet either (it is made for the first node), and the id only
+        // matters once there is something to publish: the selection is named, not either.
         facts.not_published = if let Some(c) = self.ids.conflicts.get(key) {
             Some(NotPublished::Conflict(c.clone()))
+        } else if facts.desired == 0 {
+            Some(NotPublished::NoNodeSelected)
         } else if region_id.is_none() {
             Some(NotPublished::InvalidRegionId(spec.region_id))
         } else if let Err(why) = &cert {
             Some(NotPublished::Certificate(why.clone()))
         } else if map_nodes.is_empty() {
-            Some(if facts.desired == 0 {
-                NotPublished::NoNodeSelected
-            } else {
-                NotPublished::NoReadyNode {
-                    desired: facts.desired,
-                }
+            Some(NotPublished::NoReadyNode {
+                desired: facts.desired,
             })
         } else {
             None
