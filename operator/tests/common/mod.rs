@@ -219,12 +219,17 @@ impl Rig {
     pub fn install_crd(&self) {
         let crd = repo_root().join("crds/derpregions.derpfleet.io.yaml");
         self.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/derpregions.derpfleet.io",
-        ]);
+        // Polled rather than `kubectl wait`: right after the create the CRD has no conditions
+        // yet, and kubectl 1.37's wait then fails at once (".status.conditions accessor error:
+        // <nil>") instead of waiting, which failed a warm run's e2e_rollout.
+        wait_within(
+            "the DerpRegion CRD to be Established",
+            Duration::from_secs(30),
+            || {
+                let crd = self.json(&["get", "crd", "derpregions.derpfleet.io"])?;
+                (condition(&crd, "Established")?.0 == "True").then_some(())
+            },
+        );
     }
 
     /// `rigctl create-nodes` labelled `derp-fleet.test/role=<role>` (process-kubelet nodes when
