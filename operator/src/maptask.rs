@@ -56,6 +56,8 @@ const CONFIGMAP_RETRY_MIN: Duration = Duration::from_secs(1);
 const CONFIGMAP_RETRY_MAX: Duration = Duration::from_secs(60);
 /// The ConfigMap is written at most this often.
 const CONFIGMAP_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// At shutdown the leader spends at most this long writing a map the ConfigMap still lags.
+const CONFIGMAP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The API server refuses a ConfigMap whose data exceeds 1 MiB (about 900 regions of 5 nodes
 /// with JSON and YAML together); such a write is not sent.
 pub const CONFIGMAP_MAX_DATA: usize = 1024 * 1024;
@@ -270,7 +272,15 @@ impl MapTask {
             });
             let wake = [grace_end, cm_wake].into_iter().flatten().min();
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    // A write held back by the interval would otherwise be lost: the ConfigMap
+                    // would keep an older map (at a cold start, one with no region, which stops
+                    // a Headscale that reads it with derp.paths) until the next leader writes.
+                    if let (Some(w), Some(snap)) = (&mut writer, snap.as_ref().filter(|_| writes)) {
+                        w.flush(&out, snap).await;
+                    }
+                    return;
+                }
                 _ = self.changed.notified() => {
                     tokio::time::sleep(COALESCE).await;
                 }
@@ -548,6 +558,24 @@ impl ConfigMapWriter {
                 self.forget();
                 self.next_at = Some(tokio::time::Instant::now() + delay);
             }
+        }
+    }
+
+    /// Writes `snap` now if the ConfigMap lags it, ignoring the interval; bounded by
+    /// [`CONFIGMAP_FLUSH_TIMEOUT`] so a shutdown never hangs on an unreachable API server.
+    async fn flush(&mut self, out: &MapOutput, snap: &MapSnapshot) {
+        if !self.lags(snap) {
+            return;
+        }
+        self.next_at = None;
+        let (ns, name) = (self.target.namespace.clone(), self.target.name.clone());
+        info!("writing the latest map to ConfigMap {ns}/{name} before stopping");
+        let flushed = tokio::time::timeout(CONFIGMAP_FLUSH_TIMEOUT, self.sync(out, snap)).await;
+        if flushed.is_err() || self.lags(snap) {
+            warn!(
+                "ConfigMap {ns}/{name} was not brought up to date before stopping; the next \
+                 leader writes it"
+            );
         }
     }
 

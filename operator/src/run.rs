@@ -297,11 +297,14 @@ pub async fn run(
     let cert_crd = watches.cert_crd.clone();
 
     let (leader_tx, leader_rx) = watch::channel(false);
+    // The Lease is released only after the map task stopped: as leader it may still write the
+    // ConfigMap on its way out, and a standby must not take over before that.
+    let lease_cancel = CancellationToken::new();
     let leader_task = tokio::spawn(leader::run(
         client.clone(),
         cfg.lease.clone(),
         leader_tx,
-        cancel.clone(),
+        lease_cancel.clone(),
     ));
 
     let counters = Arc::new(WriteCounters::default());
@@ -379,8 +382,9 @@ pub async fn run(
 
     // The controller returns only after cancel (or when its streams end): stop everything else.
     cancel.cancel();
-    let _ = leader_task.await;
     let _ = map_handle.await;
+    lease_cancel.cancel();
+    let _ = leader_task.await;
     if let Some(p) = probe_handle {
         let _ = p.await;
     }

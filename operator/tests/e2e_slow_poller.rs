@@ -238,5 +238,43 @@ fn map_keeps_regions_through_blinks_and_never_goes_empty() {
         "the restarted replica's map differs from the one before"
     );
     println!("MEASURED restart with a region NotReady: the new replica's first map is the old one");
+
+    // --- a map change held back by the 5 s write interval, then the leader stopped: it writes
+    // the change before it lets the Lease go (else the ConfigMap keeps the older map, at a cold
+    // start one with no region, which stops a Headscale reading it through derp.paths)
+    let cm_map = |rig: &Rig| {
+        let cm = rig.json(&["-n", "default", "get", "configmap", "derp-map"])?;
+        Some(cm["data"]["derpmap.json"].as_str()?.to_string())
+    };
+    rig.run("rigctl", &["delete-node", "slow-derp-0", "--force-pods"]);
+    wait_for("the ConfigMap written without slow-derp-0", || {
+        let (served, _) = map(port2)?;
+        (!served.contains("slow-derp-0") && cm_map(&rig)? == served).then_some(())
+    });
+    let written = Instant::now();
+    rig.run("rigctl", &["delete-node", "slow-derp-1", "--force-pods"]);
+    let (served, _) = wait_for("the map without slow-derp-1", || {
+        let (served, _) = map(port2)?;
+        (!served.contains("slow-derp-1")).then_some(served)
+    });
+    assert_ne!(
+        cm_map(&rig).unwrap(),
+        served,
+        "the ConfigMap has the change already: more than the 5 s interval passed?"
+    );
     rig.stop_operators();
+    let held_back = written.elapsed();
+    assert!(
+        held_back < Duration::from_secs(5),
+        "{held_back:?} between the write and the stop: longer than the interval, so this does not \
+         test the write at shutdown"
+    );
+    assert_eq!(
+        cm_map(&rig).unwrap(),
+        served,
+        "the ConfigMap lacks the last map after the leader stopped"
+    );
+    println!(
+        "MEASURED a change {held_back:?} after a ConfigMap write, leader stopped: written on the way out"
+    );
 }
