@@ -29,6 +29,9 @@ pub const FORWARD_QUEUE_DEPTH: usize = 1024;
 /// Reconnect backoff: starts small so a restarted sibling is back quickly, caps at Go's 5 s.
 pub const RECONNECT_MIN: Duration = Duration::from_millis(250);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Spread of the redial after a sibling's `Restarting`: its clients and every other sibling
+/// redial at the same moment.
+const RESTARTING_JITTER_MS: u64 = 20;
 /// How often `--mesh-with-file` is checked for changes (a Kubernetes ConfigMap volume swaps a
 /// symlink; SIGHUP checks at once).
 pub const PEER_FILE_POLL: Duration = Duration::from_secs(2);
@@ -352,6 +355,16 @@ async fn run_peer(
                 server.metrics.mesh_links.dec();
                 match ran {
                     LinkEnd::Stopped => return,
+                    LinkEnd::Restarting { reconnect_in } => {
+                        info!(?reconnect_in, "mesh peer is restarting; redialling");
+                        backoff.reset();
+                        let wait = redial_after_restarting(reconnect_in, rand::random());
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    }
                     LinkEnd::Broken(e) => {
                         warn!("mesh link lost: {e}; reconnecting");
                         backoff.reset();
@@ -367,8 +380,21 @@ async fn run_peer(
     }
 }
 
+/// The wait before redialling a sibling that said `Restarting`: what it asked for (capped), not
+/// the backoff. During a `--reuse-port` handover the successor already listens (the old
+/// derper tells its clients only after that), so the link is back in one dial instead of after
+/// the backoff's first 250 ms, and packets to the clients that moved with it flow again as soon
+/// as they are announced. If that dial fails, the backoff takes over as after any failure.
+fn redial_after_restarting(reconnect_in: Duration, random: u64) -> Duration {
+    reconnect_in.min(RECONNECT_MAX) + Duration::from_millis(random % RESTARTING_JITTER_MS)
+}
+
 enum LinkEnd {
     Stopped,
+    /// The peer sent `Restarting` (its shutdown), then the link ended.
+    Restarting {
+        reconnect_in: Duration,
+    },
     Broken(String),
 }
 
@@ -392,12 +418,20 @@ async fn serve_link(server: &Arc<DerpServer>, client: Client, stop: &Cancellatio
         "forward queue closed".to_string()
     };
     tokio::pin!(sender);
+    let mut restarting = None;
+    let broken = |e: String, restarting: Option<Duration>| match restarting {
+        Some(reconnect_in) => LinkEnd::Restarting { reconnect_in },
+        None => LinkEnd::Broken(e),
+    };
     let end = loop {
         tokio::select! {
             _ = stop.cancelled() => break LinkEnd::Stopped,
-            e = &mut sender => break LinkEnd::Broken(e),
+            e = &mut sender => break broken(e, restarting),
             m = rx.recv() => match m {
-                Err(e) => break LinkEnd::Broken(e.to_string()),
+                Err(e) => break broken(e.to_string(), restarting),
+                Ok(ServerToClient::Restarting { reconnect_in_ms, .. }) => {
+                    restarting = Some(Duration::from_millis(u64::from(reconnect_in_ms)));
+                }
                 Ok(ServerToClient::PeerPresent { key, .. }) => {
                     if learned.insert(key) {
                         server.registry.add_forwarder(key, fwd.clone());
@@ -502,6 +536,20 @@ mod tests {
         }
         .get();
         assert!(matches!(t, TlsTrust::WebPki));
+    }
+
+    #[test]
+    fn a_restarting_sibling_is_redialled_when_it_asks_not_after_the_backoff() {
+        for random in [0, 7, 19, 20, u64::MAX] {
+            let now = redial_after_restarting(Duration::ZERO, random);
+            assert!(now < Duration::from_millis(RESTARTING_JITTER_MS), "{now:?}");
+            assert!(now < RECONNECT_MIN);
+            let later = redial_after_restarting(Duration::from_millis(1500), random);
+            assert!(later >= Duration::from_millis(1500) && later < Duration::from_millis(1520));
+            // A sibling cannot park the link for longer than the backoff's cap.
+            let capped = redial_after_restarting(Duration::from_secs(3600), random);
+            assert!(capped >= RECONNECT_MAX && capped < RECONNECT_MAX + Duration::from_millis(20));
+        }
     }
 
     #[test]
