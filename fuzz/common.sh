@@ -25,7 +25,8 @@ ensure_cargo_fuzz() {
     fi
     echo "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io into $FUZZ_TOOLS"
     # Its own target dir: the fuzz one is built with other flags and would be invalidated.
-    CARGO_TARGET_DIR=$FUZZ_TOOLS.build cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" \
+    # --debug: cargo-fuzz only drives cargo; optimising it costs a cold run minutes for nothing.
+    CARGO_TARGET_DIR=$FUZZ_TOOLS.build cargo install cargo-fuzz --debug --locked --version "$CARGO_FUZZ_VERSION" \
         --root "$FUZZ_TOOLS" && rm -rf "$FUZZ_TOOLS.build"
 }
 
