@@ -697,18 +697,7 @@ async fn accept_loop(
     let mut listener = Some(listener);
     // Connections the kernel completed before the listener closed, served like any other.
     let mut backlog: Option<std::vec::IntoIter<(TcpStream, SocketAddr)>> = None;
-    let mut accept_bucket = cfg
-        .accept_rate
-        .map(|r| crate::limits::TokenBucket::new(r, cfg.accept_burst as f64));
-    let slots = (cfg.max_connections > 0)
-        .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)));
-    let refuse = |reason: &'static str| {
-        st.derp
-            .metrics
-            .connections_refused
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-    };
+    let mut limits = AcceptLimits::new(&cfg);
     // Connection tasks are owned here: DERP connections end on the connections' token (after
     // their Restarting frame); whatever is left then (plain HTTP, handshakes) is aborted.
     let mut conns = JoinSet::new();
@@ -742,54 +731,96 @@ async fn accept_loop(
         st.derp.metrics.accepts.inc();
         // Over a limit the connection is closed at once and the server goes on (Go's limiter
         // makes its http.Server exit instead).
-        if let Some(b) = accept_bucket.as_mut()
-            && !b.try_take(1.0)
-        {
-            refuse("accept_rate");
-            drop(sock);
-            continue;
-        }
-        let permit = match &slots {
-            None => None,
-            Some(s) => match s.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    refuse("max_connections");
-                    drop(sock);
-                    continue;
-                }
-            },
+        let permit = match limits.admit() {
+            Ok(permit) => permit,
+            Err(reason) => {
+                st.derp
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                drop(sock);
+                continue;
+            }
         };
         tune_accepted(&sock, &cfg);
         // Peers on a dual-stack socket are reported as plain IPv4, as Go does.
         let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
-        let st = st.clone();
-        let router = router.clone();
-        let acceptor = acceptor.clone();
         let pending = st.derp.pending_conn();
-        conns.spawn(async move {
-            let _permit = permit;
-            match acceptor {
-                None => http::serve_connection(st, router, sock, remote, pending).await,
-                Some(acc) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
-                        // A TLS-ALPN-01 validation: the handshake was the answer.
-                        Ok(Ok(tls))
-                            if tls.get_ref().1.alpn_protocol() == Some(certs::ACME_TLS_ALPN) => {}
-                        Ok(Ok(tls)) => {
-                            http::serve_connection(st, router, tls, remote, pending).await
-                        }
-                        Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
-                        Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
-                    }
-                }
-            }
-        });
+        conns.spawn(serve_accepted(
+            st.clone(),
+            router.clone(),
+            acceptor.clone(),
+            sock,
+            remote,
+            pending,
+            permit,
+        ));
     }
     drop(listener);
     listener_closed.cancel();
     st.derp.shutdown.cancelled().await;
     conns.shutdown().await;
+}
+
+/// The accept loop's limits: `--accept-rate`/`--accept-burst` and `--max-connections`.
+struct AcceptLimits {
+    bucket: Option<crate::limits::TokenBucket>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl AcceptLimits {
+    fn new(cfg: &Config) -> Self {
+        Self {
+            bucket: cfg
+                .accept_rate
+                .map(|r| crate::limits::TokenBucket::new(r, cfg.accept_burst as f64)),
+            slots: (cfg.max_connections > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_connections))),
+        }
+    }
+
+    /// Lets one more connection in, holding its `--max-connections` slot (if any) until the
+    /// permit drops; `Err` is the `connections_refused` reason.
+    fn admit(&mut self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, &'static str> {
+        if let Some(b) = self.bucket.as_mut()
+            && !b.try_take(1.0)
+        {
+            return Err("accept_rate");
+        }
+        match &self.slots {
+            None => Ok(None),
+            Some(s) => s
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| "max_connections"),
+        }
+    }
+}
+
+/// One accepted connection: its TLS handshake (bounded by [`TLS_HANDSHAKE_TIMEOUT`]), then HTTP
+/// and the DERP upgrade. `permit` holds its `--max-connections` slot until it ends.
+async fn serve_accepted(
+    st: Arc<HttpState>,
+    router: Router,
+    acceptor: Option<TlsAcceptor>,
+    sock: TcpStream,
+    remote: SocketAddr,
+    pending: crate::derp::PendingConn,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let _permit = permit;
+    let Some(acc) = acceptor else {
+        return http::serve_connection(st, router, sock, remote, pending).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
+        // A TLS-ALPN-01 validation: the handshake was the answer.
+        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(certs::ACME_TLS_ALPN) => {}
+        Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote, pending).await,
+        Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
+        Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
+    }
 }
 
 /// Closes the listener, first taking every connection already in its accept queue: closing a
