@@ -1109,6 +1109,10 @@ mod tests {
     /// reconcile writes (`build_map`, then `desired_status`, as the map task and the controller
     /// chain them).
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one table of every reason, from one build_map of regions that conflict with each other"
+    )]
     fn every_status_reason_from_the_map_build() {
         use crate::crd::{SelfSignedMode, SelfSignedSpec};
         use crate::mapbuild::{MapConfig, MapInput, build_map};
