@@ -49,49 +49,72 @@ impl Target {
     }
 }
 
-fn secs(s: &str) -> Result<Duration, String> {
-    let (num, mul) = match s.strip_suffix("ms") {
-        Some(n) => (n, 0.001),
-        None => match s.strip_suffix('m') {
-            Some(n) => (n, 60.0),
-            None => (s.strip_suffix('s').unwrap_or(s), 1.0),
-        },
-    };
-    num.parse::<f64>()
-        .map(|v| Duration::from_secs_f64(v * mul))
-        .map_err(|e| format!("{s:?}: {e} (use e.g. 500ms, 5s, 10m)"))
+#[derive(Args)]
+struct RelayArgs {
+    #[command(flatten)]
+    target: Target,
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    #[arg(long, default_value_t = 24)]
+    window: u64,
+    /// Total packets/s over all pairs (default: as fast as the window allows).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, value_parser = go_duration::parse, default_value = "1s")]
+    warmup: Duration,
+    #[arg(long, value_parser = go_duration::parse, default_value = "5s")]
+    duration: Duration,
+    /// Also run derpprobe's queuing-delay probe: this many 260-byte packets per second.
+    #[arg(long)]
+    qd_rate: Option<f64>,
+    /// Also run a closed-loop STUN client against this address.
+    #[arg(long)]
+    stun: Option<SocketAddr>,
+    #[arg(long, default_value_t = 2)]
+    stun_sockets: usize,
+    #[arg(long, default_value_t = 8)]
+    stun_window: usize,
+}
+
+impl RelayArgs {
+    fn spec(self) -> Result<load::LoadSpec> {
+        Ok(load::LoadSpec {
+            url: self.target.url.clone(),
+            trust: self.target.trust()?,
+            warmup: self.warmup,
+            duration: self.duration,
+            load: load::FlowSpec {
+                pairs: self.pairs,
+                size: self.size,
+                window: self.window,
+                rate_pps: self.rate,
+                timeout: None,
+            },
+            // derpprobe: one pair, 260-byte packets on a ticker, 5 s packet timeout.
+            probe: self.qd_rate.map(|r| load::FlowSpec {
+                pairs: 1,
+                size: 260,
+                window: 100_000,
+                rate_pps: Some(r),
+                timeout: Some(Duration::from_secs(5)),
+            }),
+            stun: self.stun.map(|addr| stun::StunSpec {
+                addr,
+                sockets: self.stun_sockets,
+                window: self.stun_window,
+                busy: false,
+            }),
+            server_pid: self.target.server_pid,
+        })
+    }
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Relay packets between client pairs; optional probe flow and STUN load in the same run.
-    Relay {
-        #[command(flatten)]
-        target: Target,
-        #[arg(long, default_value_t = 4)]
-        pairs: usize,
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-        #[arg(long, default_value_t = 24)]
-        window: u64,
-        /// Total packets/s over all pairs (default: as fast as the window allows).
-        #[arg(long)]
-        rate: Option<f64>,
-        #[arg(long, value_parser = secs, default_value = "1s")]
-        warmup: Duration,
-        #[arg(long, value_parser = secs, default_value = "5s")]
-        duration: Duration,
-        /// Also run derpprobe's queuing-delay probe: this many 260-byte packets per second.
-        #[arg(long)]
-        qd_rate: Option<f64>,
-        /// Also run a closed-loop STUN client against this address.
-        #[arg(long)]
-        stun: Option<SocketAddr>,
-        #[arg(long, default_value_t = 2)]
-        stun_sockets: usize,
-        #[arg(long, default_value_t = 8)]
-        stun_window: usize,
-    },
+    Relay(RelayArgs),
     /// STUN only: closed-loop binding requests.
     Stun {
         #[arg(long)]
@@ -100,9 +123,9 @@ enum Cmd {
         sockets: usize,
         #[arg(long, default_value_t = 64)]
         window: usize,
-        #[arg(long, value_parser = secs, default_value = "1s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "1s")]
         warmup: Duration,
-        #[arg(long, value_parser = secs, default_value = "5s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "5s")]
         duration: Duration,
         /// Report this process's CPU use inside the window (the server's).
         #[arg(long)]
@@ -115,7 +138,7 @@ enum Cmd {
         /// Cumulative client counts, e.g. 1000,10000.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         steps: Vec<usize>,
-        #[arg(long, value_parser = secs, default_value = "3s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "3s")]
         settle: Duration,
     },
     /// Plain TLS echo server (the baseline's server side); runs until killed.
@@ -135,9 +158,9 @@ enum Cmd {
         conns: usize,
         #[arg(long, default_value_t = 1 << 20)]
         window_bytes: usize,
-        #[arg(long, value_parser = secs, default_value = "1s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "1s")]
         warmup: Duration,
-        #[arg(long, value_parser = secs, default_value = "5s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "5s")]
         duration: Duration,
         /// The echo server's process id, for its CPU time from /proc.
         #[arg(long)]
@@ -149,18 +172,18 @@ enum Cmd {
         target: Target,
         #[arg(long, default_value_t = 2000)]
         clients: usize,
-        #[arg(long, value_parser = secs, default_value = "10m")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "10m")]
         duration: Duration,
-        #[arg(long, value_parser = secs, default_value = "5s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "5s")]
         interval: Duration,
         /// The server's --metrics-addr, for the derper_connections gauge.
         #[arg(long)]
         metrics: Option<SocketAddr>,
         #[arg(long)]
         csv: PathBuf,
-        #[arg(long, value_parser = secs, default_value = "2s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "2s")]
         min_life: Duration,
-        #[arg(long, value_parser = secs, default_value = "20s")]
+        #[arg(long, value_parser = go_duration::parse, default_value = "20s")]
         max_life: Duration,
     },
 }
@@ -172,49 +195,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Relay {
-            target,
-            pairs,
-            size,
-            window,
-            rate,
-            warmup,
-            duration,
-            qd_rate,
-            stun,
-            stun_sockets,
-            stun_window,
-        } => {
-            let spec = load::LoadSpec {
-                url: target.url.clone(),
-                trust: target.trust()?,
-                warmup,
-                duration,
-                load: load::FlowSpec {
-                    pairs,
-                    size,
-                    window,
-                    rate_pps: rate,
-                    timeout: None,
-                },
-                // derpprobe: one pair, 260-byte packets on a ticker, 5 s packet timeout.
-                probe: qd_rate.map(|r| load::FlowSpec {
-                    pairs: 1,
-                    size: 260,
-                    window: 100_000,
-                    rate_pps: Some(r),
-                    timeout: Some(Duration::from_secs(5)),
-                }),
-                stun: stun.map(|addr| stun::StunSpec {
-                    addr,
-                    sockets: stun_sockets,
-                    window: stun_window,
-                    busy: false,
-                }),
-                server_pid: target.server_pid,
-            };
-            print_json(&load::run(spec).await?)
-        }
+        Cmd::Relay(args) => print_json(&load::run(args.spec()?).await?),
         Cmd::Stun {
             addr,
             sockets,
@@ -223,31 +204,13 @@ async fn run(cli: Cli) -> Result<()> {
             duration,
             server_pid,
         } => {
-            let t0 = tokio::time::Instant::now() + warmup;
-            let stop = tokio_util::sync::CancellationToken::new();
-            let h = tokio::spawn(stun::run(
-                stun::StunSpec {
-                    addr,
-                    sockets,
-                    window,
-                    busy: true,
-                },
-                t0,
-                t0 + duration,
-                stop.clone(),
-            ));
-            tokio::time::sleep_until(t0).await;
-            let cpu0 = server_pid.map(procfs::cpu_seconds).transpose()?;
-            tokio::time::sleep_until(t0 + duration).await;
-            let cpu1 = server_pid.map(procfs::cpu_seconds).transpose()?;
-            stop.cancel();
-            let mut st = h.await.context("STUN task")??;
-            if let (Some(a), Some(b)) = (cpu0, cpu1) {
-                let cpu = b - a;
-                st.server_cpu_util = Some(cpu / duration.as_secs_f64());
-                st.server_cpu_us_per_req = Some(cpu * 1e6 / st.responses.max(1) as f64);
-            }
-            print_json(&st)
+            let spec = stun::StunSpec {
+                addr,
+                sockets,
+                window,
+                busy: true,
+            };
+            print_json(&stun_alone(spec, warmup, duration, server_pid).await?)
         }
         Cmd::Idle {
             target,
@@ -293,6 +256,31 @@ async fn run(cli: Cli) -> Result<()> {
             print_json(&soak::run(spec).await?)
         }
     }
+}
+
+/// STUN alone (`stun`): the load after `warmup` for `duration`, with the server's CPU over that
+/// window when its pid is given.
+async fn stun_alone(
+    spec: stun::StunSpec,
+    warmup: Duration,
+    duration: Duration,
+    server_pid: Option<u32>,
+) -> Result<stun::StunStats> {
+    let t0 = tokio::time::Instant::now() + warmup;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let h = tokio::spawn(stun::run(spec, t0, t0 + duration, stop.clone()));
+    tokio::time::sleep_until(t0).await;
+    let cpu0 = server_pid.map(procfs::cpu_seconds).transpose()?;
+    tokio::time::sleep_until(t0 + duration).await;
+    let cpu1 = server_pid.map(procfs::cpu_seconds).transpose()?;
+    stop.cancel();
+    let mut st = h.await.context("STUN task")??;
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        let cpu = b - a;
+        st.server_cpu_util = Some(cpu / duration.as_secs_f64());
+        st.server_cpu_us_per_req = Some(cpu * 1e6 / st.responses.max(1) as f64);
+    }
+    Ok(st)
 }
 
 fn main() -> std::process::ExitCode {

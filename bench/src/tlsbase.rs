@@ -111,73 +111,14 @@ pub async fn client(
     duration: Duration,
     server_pid: Option<u32>,
 ) -> Result<EchoResult> {
-    // The same trust code the DERP client uses (InsecureForTests: any certificate).
-    let cfg = derp_client::tls::client_config(&derp_client::TlsTrust::Insecure, None)
-        .map_err(|e| anyhow::anyhow!("TLS config: {e}"))?;
-    let connector = tokio_rustls::TlsConnector::from(cfg);
-    let mut streams = Vec::new();
-    let mut cipher = String::new();
-    for _ in 0..conns.max(1) {
-        let tcp = TcpStream::connect(addr).await.context("connecting")?;
-        tcp.set_nodelay(true)?;
-        let name = ServerName::try_from("127.0.0.1").context("server name")?;
-        let s = connector
-            .connect(name, tcp)
-            .await
-            .context("TLS handshake")?;
-        cipher = format!(
-            "{:?}",
-            s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite())
-        );
-        streams.push(s);
-    }
+    let (streams, cipher) = connect_all(addr, conns).await?;
     let t0 = Instant::now() + warmup;
     let t1 = t0 + duration;
     let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    for s in streams {
-        let (mut rd, mut wr) = tokio::io::split(s);
-        let echoed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let progress = Arc::new(tokio::sync::Notify::new());
-        let (e2, p2, stop2) = (echoed.clone(), progress.clone(), stop.clone());
-        tokio::spawn(async move {
-            let chunk = vec![0x5au8; CHUNK];
-            let mut sent = 0usize;
-            loop {
-                if sent + CHUNK > e2.load(std::sync::atomic::Ordering::Relaxed) + window_bytes {
-                    tokio::select! {
-                        _ = stop2.cancelled() => return,
-                        _ = p2.notified() => continue,
-                    }
-                }
-                tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    r = wr.write_all(&chunk) => if r.is_err() { return },
-                }
-                sent += CHUNK;
-            }
-        });
-        let stop3 = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            let mut in_window = 0usize;
-            loop {
-                let n = tokio::select! {
-                    _ = stop3.cancelled() => return Ok::<usize, anyhow::Error>(in_window),
-                    r = rd.read(&mut buf) => r.context("reading echo")?,
-                };
-                if n == 0 {
-                    bail!("echo server closed");
-                }
-                let now = Instant::now();
-                if now >= t0 && now < t1 {
-                    in_window += n;
-                }
-                echoed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                progress.notify_one();
-            }
-        }));
-    }
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|s| echo_stream(s, window_bytes, t0, t1, &stop))
+        .collect();
     let cpu = || -> Result<(f64, Option<f64>)> {
         Ok((
             crate::procfs::cpu_seconds(std::process::id())?,
@@ -206,5 +147,84 @@ pub async fn client(
         load_cpu_s_per_gb: per_gb(own1 - own0),
         server_cpu_util: srv.map(|s| s / secs),
         server_cpu_s_per_gb: srv.and_then(per_gb),
+    })
+}
+
+type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// `conns` (at least one) TLS connections to `addr`, and the cipher suite they negotiated.
+async fn connect_all(addr: SocketAddr, conns: usize) -> Result<(Vec<ClientStream>, String)> {
+    // The same trust code the DERP client uses (InsecureForTests: any certificate).
+    let cfg = derp_client::tls::client_config(&derp_client::TlsTrust::Insecure, None)
+        .map_err(|e| anyhow::anyhow!("TLS config: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let mut streams = Vec::new();
+    let mut cipher = String::new();
+    for _ in 0..conns.max(1) {
+        let tcp = TcpStream::connect(addr).await.context("connecting")?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("127.0.0.1").context("server name")?;
+        let s = connector
+            .connect(name, tcp)
+            .await
+            .context("TLS handshake")?;
+        cipher = format!(
+            "{:?}",
+            s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite())
+        );
+        streams.push(s);
+    }
+    Ok((streams, cipher))
+}
+
+/// Keeps `window_bytes` in flight on one connection until `stop`; the task it returns counts
+/// the bytes echoed back between `t0` and `t1`.
+fn echo_stream(
+    s: ClientStream,
+    window_bytes: usize,
+    t0: Instant,
+    t1: Instant,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<usize>> {
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let echoed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let (e2, p2, stop2) = (echoed.clone(), progress.clone(), stop.clone());
+    tokio::spawn(async move {
+        let chunk = vec![0x5au8; CHUNK];
+        let mut sent = 0usize;
+        loop {
+            if sent + CHUNK > e2.load(std::sync::atomic::Ordering::Relaxed) + window_bytes {
+                tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    _ = p2.notified() => continue,
+                }
+            }
+            tokio::select! {
+                _ = stop2.cancelled() => return,
+                r = wr.write_all(&chunk) => if r.is_err() { return },
+            }
+            sent += CHUNK;
+        }
+    });
+    let stop3 = stop.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        let mut in_window = 0usize;
+        loop {
+            let n = tokio::select! {
+                _ = stop3.cancelled() => return Ok::<usize, anyhow::Error>(in_window),
+                r = rd.read(&mut buf) => r.context("reading echo")?,
+            };
+            if n == 0 {
+                bail!("echo server closed");
+            }
+            let now = Instant::now();
+            if now >= t0 && now < t1 {
+                in_window += n;
+            }
+            echoed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            progress.notify_one();
+        }
     })
 }

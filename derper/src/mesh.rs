@@ -16,6 +16,7 @@ use derp_proto::frame::PeerGoneReason;
 use derp_proto::key::{MeshKey, NodePublic};
 use exp_backoff::Backoff;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -208,6 +209,9 @@ pub struct Mesh {
     /// Our certificate pin, when it is self-signed (trust for siblings sharing it).
     own_pin: Option<PinSource>,
     running: HashMap<MeshPeer, CancellationToken>,
+    /// The peers' tasks, owned here: a mesh dropped (its task aborted at the shutdown deadline)
+    /// aborts them, and [`Mesh::run`] returns only once they ended.
+    tasks: JoinSet<()>,
     shutdown: CancellationToken,
 }
 
@@ -227,6 +231,7 @@ impl Mesh {
             own_port,
             own_pin,
             running: HashMap::new(),
+            tasks: JoinSet::new(),
             shutdown,
         }
     }
@@ -261,18 +266,26 @@ impl Mesh {
                 own_pin: self.own_pin.clone(),
             };
             let span = info_span!("mesh", peer = %peer.host);
-            tokio::spawn(
+            self.tasks.spawn(
                 run_peer(self.server.clone(), self.cfg.key, peer, trust, token).instrument(span),
             );
         }
+        // Removed peers' tasks end on their token; forget them once they did.
+        while self.tasks.try_join_next().is_some() {}
     }
 
     pub fn peer_count(&self) -> usize {
         self.running.len()
     }
 
-    /// Applies the static peers, then follows the peers file until shutdown.
+    /// Applies the static peers, then follows the peers file until shutdown; returns once every
+    /// peer's task ended (their tokens are children of the shutdown token).
     pub async fn run(mut self) {
+        self.follow_peers().await;
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    async fn follow_peers(&mut self) {
         let mut last: Option<String> = None;
         let mut hup = crate::signals::Hangups::new();
         loop {

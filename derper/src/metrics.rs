@@ -111,10 +111,22 @@ const CLIENT_REFUSAL_REASONS: [&str; 6] = [
 const CONNECTION_REFUSAL_REASONS: [&str; 2] = ["accept_rate", "max_connections"];
 
 impl Metrics {
-    /// Registers every metric under `derper_`. The drop and refusal families start with a zero
-    /// series for each label value: a labelled family with no series is not exposed at all, so a
-    /// dashboard would show "no data" and `rate()`/alerts would see nothing until the first drop.
+    /// Registers every metric under `derper_`, in the order they are exposed.
     pub fn register(&self, r: &mut Registry) {
+        self.create_zero_series();
+        let r = r.sub_registry_with_prefix("derper");
+        self.register_connection_gauges(r);
+        self.register_packet_counters(r);
+        self.register_request_counters(r);
+        self.register_certificate_metrics(r);
+        self.register_admission_counters(r);
+        self.register_lifecycle_metrics(r);
+    }
+
+    /// The drop and refusal families start with a zero series for each label value: a labelled
+    /// family with no series is not exposed at all, so a dashboard would show "no data" and
+    /// `rate()`/alerts would see nothing until the first drop.
+    fn create_zero_series(&self) {
         for reason in DropReason::ALL {
             for disco in [false, true] {
                 let _ = self.packets_dropped.get_or_create(&DropLabels {
@@ -131,7 +143,10 @@ impl Metrics {
                 .connections_refused
                 .get_or_create(&ReasonLabel { reason });
         }
-        let r = r.sub_registry_with_prefix("derper");
+    }
+
+    /// What is connected now: connections, clients, mesh peers and their buffers.
+    fn register_connection_gauges(&self, r: &mut Registry) {
         r.register(
             "accepts",
             "TCP connections accepted on the DERP listener",
@@ -174,6 +189,10 @@ impl Metrics {
              period",
             self.connection_buffer_bytes.clone(),
         );
+    }
+
+    /// The packets relayed, forwarded over the mesh and dropped.
+    fn register_packet_counters(&self, r: &mut Registry) {
         r.register(
             "packets_received",
             "Packets received from clients, by kind (disco or other)",
@@ -209,6 +228,10 @@ impl Metrics {
             "Packets dropped, by reason and kind",
             self.packets_dropped.clone(),
         );
+    }
+
+    /// What arrives besides packets: handshakes, STUN, HTTP, and the PeerGone frames sent.
+    fn register_request_counters(&self, r: &mut Registry) {
         r.register(
             "handshake_failures",
             "Connections that failed before becoming a client, by reason",
@@ -229,6 +252,10 @@ impl Metrics {
             "PeerGone frames queued, by reason",
             self.peer_gone_sent.clone(),
         );
+    }
+
+    /// The served certificate: reloads, ACME orders and its expiry.
+    fn register_certificate_metrics(&self, r: &mut Registry) {
         r.register(
             "cert_reloads",
             "Certificate reload attempts, by result",
@@ -244,6 +271,10 @@ impl Metrics {
             "Unix time at which the served TLS certificate expires",
             self.cert_not_after.clone(),
         );
+    }
+
+    /// Connections and clients refused by a limit or by admission control.
+    fn register_admission_counters(&self, r: &mut Registry) {
         r.register(
             "clients_refused",
             "Clients refused by admission control (-verify-clients, -verify-client-url), by reason",
@@ -254,6 +285,10 @@ impl Metrics {
             "TCP connections closed at once by a limit, by reason",
             self.connections_refused.clone(),
         );
+    }
+
+    /// Shutdown and the mesh links.
+    fn register_lifecycle_metrics(&self, r: &mut Registry) {
         r.register(
             "restarting_sent",
             "Restarting frames sent to clients on shutdown",
@@ -279,5 +314,108 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry's text, with a series in every family (one without any is not exposed).
+    fn exposition() -> String {
+        let mut reg = Registry::default();
+        let m = Metrics::default();
+        m.register(&mut reg);
+        let _ = m
+            .packets_received
+            .get_or_create(&KindLabel { kind: "disco" });
+        for family in [
+            &m.handshake_failures,
+            &m.stun_requests,
+            &m.peer_gone_sent,
+            &m.cert_reloads,
+            &m.acme_orders,
+        ] {
+            let _ = family.get_or_create(&ReasonLabel { reason: "test" });
+        }
+        let _ = m
+            .http_requests
+            .get_or_create(&EndpointLabel { endpoint: "test" });
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        out
+    }
+
+    /// The names and types dashboards and alerts rely on (`charts/derp-fleet/files`): renaming
+    /// or retyping one breaks them, so it must be a deliberate change here too.
+    #[test]
+    fn every_metric_keeps_its_name_and_type() {
+        let text = exposition();
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        let want = [
+            ("derper_accepts", "counter"),
+            ("derper_connections", "gauge"),
+            ("derper_clients", "gauge"),
+            ("derper_mesh_peers", "gauge"),
+            ("derper_home_connections", "gauge"),
+            ("derper_duplicate_client_keys", "gauge"),
+            ("derper_watchers", "gauge"),
+            ("derper_connection_buffer_bytes", "gauge"),
+            ("derper_packets_received", "counter"),
+            ("derper_bytes_received", "counter"),
+            ("derper_packets_sent", "counter"),
+            ("derper_bytes_sent", "counter"),
+            ("derper_packets_forwarded_out", "counter"),
+            ("derper_packets_forwarded_in", "counter"),
+            ("derper_packets_dropped", "counter"),
+            ("derper_handshake_failures", "counter"),
+            ("derper_stun_requests", "counter"),
+            ("derper_http_requests", "counter"),
+            ("derper_peer_gone_sent", "counter"),
+            ("derper_cert_reloads", "counter"),
+            ("derper_acme_orders", "counter"),
+            ("derper_cert_not_after_seconds", "gauge"),
+            ("derper_clients_refused", "counter"),
+            ("derper_connections_refused", "counter"),
+            ("derper_restarting_sent", "counter"),
+            ("derper_mesh_links", "gauge"),
+        ];
+        assert_eq!(types, want, "{text}");
+        // Every metric has its help text.
+        assert_eq!(text.matches("# HELP derper_").count(), want.len(), "{text}");
+    }
+
+    /// The drop and refusal families are exposed at zero for every label value before the first
+    /// event, so `rate()` and alerts see them from the start.
+    #[test]
+    fn labelled_families_start_with_a_zero_series_per_reason() {
+        let text = exposition();
+        for reason in DropReason::ALL {
+            for kind in ["disco", "other"] {
+                let series = format!(
+                    "derper_packets_dropped_total{{reason=\"{}\",kind=\"{kind}\"}} 0\n",
+                    reason.label()
+                );
+                assert!(text.contains(&series), "{series} missing:\n{text}");
+            }
+        }
+        for reason in CLIENT_REFUSAL_REASONS {
+            let series = format!("derper_clients_refused_total{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+        for reason in CONNECTION_REFUSAL_REASONS {
+            let series = format!("derper_connections_refused_total{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    #[ignore = "writes the exposition to $DUMP for a before/after diff"]
+    fn dump_exposition() {
+        std::fs::write(std::env::var("DUMP").unwrap(), exposition()).unwrap();
     }
 }

@@ -295,10 +295,7 @@ pub fn prepare_tls(
 
 /// The map entry `--print-derpmap` shows, without binding any port.
 pub fn configured_map(cfg: &Config) -> Result<DerpMap, ServerError> {
-    let private_key = match &cfg.key_file {
-        Some(p) => load_or_create_key(p)?,
-        None => NodePrivate::generate(),
-    };
+    let private_key = server_key(cfg)?;
     let tls = prepare_tls(cfg, &private_key.public(), &Arc::new(Metrics::default()))?;
     let stun = cfg
         .stun_port
@@ -312,138 +309,59 @@ pub fn configured_map(cfg: &Config) -> Result<DerpMap, ServerError> {
     ))
 }
 
-/// Starts every listener and returns once they are bound.
+/// The `-c` key file's key, or a fresh one for a server without a key file.
+fn server_key(cfg: &Config) -> Result<NodePrivate, ServerError> {
+    match &cfg.key_file {
+        Some(p) => load_or_create_key(p),
+        None => Ok(NodePrivate::generate()),
+    }
+}
+
+/// Starts every listener and returns once they are bound: the relay and its certificate first,
+/// then each listener in turn (a port that cannot be bound fails the start before anything is
+/// served), the tasks beside them, and `/readyz` turns true.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHandle, ServerError> {
-    let private_key = match &cfg.key_file {
-        Some(p) => load_or_create_key(p)?,
-        None => NodePrivate::generate(),
-    };
+    let private_key = server_key(&cfg)?;
     let public_key = private_key.public();
     let metrics = Arc::new(Metrics::default());
     let mut tls = prepare_tls(&cfg, &public_key, &metrics)?;
     let acme = tls.as_mut().and_then(|t| t.acme.take());
+    let tls = tls.map(|t| ServedCert::new(t, &cfg.hostname));
     // Connections are cancelled by `conns_stop` (after their Restarting frame); the listeners by
     // `shutdown`, so the two can be stopped in order.
     let conns_stop = CancellationToken::new();
-    let derp = Arc::new(derp_server(
-        &cfg,
-        private_key,
-        metrics.clone(),
-        conns_stop.clone(),
-    )?);
-
-    let main_listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP", cfg.reuse_port)?;
-    let derp_inode = {
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            crate::handoff::socket_inode(main_listener.as_raw_fd())
-        }
-        #[cfg(not(unix))]
-        {
-            None
-        }
+    let derp = Arc::new(derp_server(&cfg, private_key, metrics, conns_stop.clone())?);
+    let derp_listener = DerpListener::bind(&cfg)?;
+    let mut s = Spawner {
+        http: Arc::new(HttpState {
+            derp: derp.clone(),
+            derp_enabled: cfg.derp_enabled,
+            home: cfg.home.clone(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            bootstrap_dns: tokio::sync::RwLock::new(None),
+        }),
+        cfg: Arc::new(cfg),
+        derp,
+        shutdown,
+        conns_stop,
+        tasks: JoinSet::new(),
     };
-    let listener_closed = CancellationToken::new();
-    let derp_addr = main_listener
-        .local_addr()
-        .map_err(|error| ServerError::Bind {
-            what: "DERP",
-            addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
-            error,
-        })?;
-    let http_state = Arc::new(HttpState {
-        derp: derp.clone(),
-        derp_enabled: cfg.derp_enabled,
-        home: cfg.home.clone(),
-        ready: std::sync::atomic::AtomicBool::new(false),
-        bootstrap_dns: tokio::sync::RwLock::new(None),
-    });
-
-    let mut tasks = JoinSet::new();
-    let stun_addr = start_stun(&cfg, &metrics, &shutdown, &mut tasks);
-    let http_addr = match (&tls, cfg.http_port) {
-        (Some(_), Some(port)) => {
-            let l = bind_tcp_any(cfg.listen_host, port, "HTTP", cfg.reuse_port)?;
-            let addr = l.local_addr().ok();
-            let router =
-                http::port80_router(http_state.clone(), acme.as_ref().map(|a| a.challenges()));
-            tasks.spawn(serve_plain_http(l, router, shutdown.clone()));
-            addr
-        }
-        _ => None,
-    };
-    let metrics_addr = match cfg.metrics_addr {
-        Some(a) => {
-            let l = bind_tcp(a, "metrics", cfg.reuse_port)?;
-            let addr = l.local_addr().ok();
-            let mut reg = PromRegistry::default();
-            metrics.register(&mut reg);
-            let router = metrics_router(Arc::new(reg), http_state.clone());
-            // Served until the drain ends, not only until shutdown starts: /readyz says 503
-            // and /metrics can still be scraped while clients are being moved away.
-            tasks.spawn(serve_plain_http(l, router, conns_stop.clone()));
-            addr
-        }
-        None => None,
-    };
-
-    let tls_on = tls.is_some();
-    let pin = tls.as_ref().and_then(|t| t.pin.clone());
+    let stun_addr = start_stun(&s.cfg, &s.derp.metrics, &s.shutdown, &mut s.tasks);
+    let http_addr = s.spawn_port80(tls.is_some(), acme.as_ref())?;
+    let metrics_addr = s.spawn_metrics()?;
+    let derp_addr = derp_listener.addr;
     let resolver = tls.as_ref().map(|t| t.resolver.clone());
-    let reloader = tls.and_then(|t| {
-        t.files.map(|files| {
-            Arc::new(CertReloader {
-                resolver: t.resolver,
-                files,
-                meta: t.meta,
-                hostname: cfg.hostname.clone(),
-            })
-        })
-    });
-    let cfg = Arc::new(cfg);
-    tasks.spawn(accept_loop(
-        main_listener,
-        resolver
-            .as_ref()
-            .map(|r| TlsAcceptor::from(certs::server_config(r.clone()))),
-        http::router(http_state.clone()),
-        http_state.clone(),
-        cfg.clone(),
-        shutdown.clone(),
-        listener_closed.clone(),
-    ));
-    tasks.spawn(http::refresh_bootstrap_dns(
-        http_state.clone(),
-        cfg.bootstrap_dns_names.clone(),
-        shutdown.clone(),
-    ));
-    if let Some(a) = acme {
-        // Listeners are up: the CA's validation can reach both challenge ports.
-        tasks.spawn(a.run(shutdown.clone()));
-    }
-    if let Some(p) = cfg.rate_config.clone() {
-        tasks.spawn(reload_rate_config_on_hup(derp.clone(), p, shutdown.clone()));
-    }
-    if let Some(r) = &reloader {
-        tasks.spawn(r.clone().run(metrics.clone(), shutdown.clone()));
-    }
-    if let Some(mesh_cfg) = cfg.mesh.clone() {
-        let mesh = crate::mesh::Mesh::new(
-            derp.clone(),
-            mesh_cfg,
-            cfg.hostname.clone(),
-            derp_addr.port(),
-            resolver.clone().map(own_pin_source),
-            conns_stop.clone(),
-        );
-        tasks.spawn(mesh.run());
-    }
+    let listener_closed = CancellationToken::new();
+    let derp_inode = derp_listener.inode;
+    s.spawn_accept_loop(derp_listener, resolver.as_ref(), &listener_closed);
+    let reloader = tls.as_ref().and_then(|t| t.reloader.clone());
+    s.spawn_background(acme, reloader.as_ref(), resolver.as_ref(), derp_addr.port());
 
+    let (tls_on, pin) = (tls.is_some(), tls.and_then(|t| t.pin));
+    let cfg = s.cfg;
     let derp_map = own_map(&cfg, derp_addr.port(), pin, tls_on, stun_addr);
-    http_state.ready.store(true, Ordering::Relaxed);
+    s.http.ready.store(true, Ordering::Relaxed);
     info!(%derp_addr, tls = tls_on, ?stun_addr, ?http_addr, ?metrics_addr, key = %public_key, "derper serving");
-
     Ok(ServerHandle {
         derp_addr,
         stun_addr,
@@ -451,12 +369,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         metrics_addr,
         public_key,
         derp_map,
-        derp,
+        derp: s.derp,
         resolver,
         reloader,
-        http: http_state,
-        shutdown,
-        conns_stop,
+        http: s.http,
+        shutdown: s.shutdown,
+        conns_stop: s.conns_stop,
         shutdown_timeout: cfg.shutdown_timeout,
         handoff: cfg.reuse_port.then_some(Handoff {
             port: derp_addr.port(),
@@ -466,8 +384,180 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<ServerHan
         listener_closed,
         restart_reconnect_in: cfg.restart_reconnect_in,
         restart_try_for: cfg.restart_try_for,
-        tasks,
+        tasks: s.tasks,
     })
+}
+
+/// The certificate as the running server uses it: the resolver handshakes take it from, the
+/// pin the map announces, and the reloader of its files.
+struct ServedCert {
+    resolver: Arc<CertResolver>,
+    /// `sha256-raw:` pin when the leaf is self-signed.
+    pin: Option<String>,
+    /// Present when the certificate comes from files (`-certmode manual`).
+    reloader: Option<Arc<CertReloader>>,
+}
+
+impl ServedCert {
+    fn new(tls: PreparedTls, hostname: &str) -> Self {
+        let reloader = tls.files.map(|files| {
+            Arc::new(CertReloader {
+                resolver: tls.resolver.clone(),
+                files,
+                meta: tls.meta,
+                hostname: hostname.to_string(),
+            })
+        });
+        Self {
+            resolver: tls.resolver,
+            pin: tls.pin,
+            reloader,
+        }
+    }
+}
+
+/// The bound DERP listener, before its accept loop runs.
+struct DerpListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+    /// Its socket inode, for the `--reuse-port` handoff (`None` where `/proc` cannot tell).
+    inode: Option<u64>,
+}
+
+impl DerpListener {
+    fn bind(cfg: &Config) -> Result<Self, ServerError> {
+        let listener = bind_tcp_any(cfg.listen_host, cfg.listen_port, "DERP", cfg.reuse_port)?;
+        let inode = {
+            #[cfg(unix)]
+            {
+                use std::os::fd::AsRawFd;
+                crate::handoff::socket_inode(listener.as_raw_fd())
+            }
+            #[cfg(not(unix))]
+            {
+                None
+            }
+        };
+        let addr = listener.local_addr().map_err(|error| ServerError::Bind {
+            what: "DERP",
+            addr: SocketAddr::from(([0, 0, 0, 0], cfg.listen_port)),
+            error,
+        })?;
+        Ok(Self {
+            listener,
+            addr,
+            inode,
+        })
+    }
+}
+
+/// What the listeners and tasks [`start`] spawns share; they end up owned by the
+/// [`ServerHandle`].
+struct Spawner {
+    cfg: Arc<Config>,
+    derp: Arc<DerpServer>,
+    http: Arc<HttpState>,
+    shutdown: CancellationToken,
+    conns_stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Spawner {
+    /// The port-80 listener next to TLS (`-http-port`): redirects, and ACME's HTTP-01
+    /// challenges.
+    fn spawn_port80(
+        &mut self,
+        tls_on: bool,
+        acme: Option<&crate::acme::AcmeManager>,
+    ) -> Result<Option<SocketAddr>, ServerError> {
+        let cfg = &self.cfg;
+        let Some(port) = cfg.http_port.filter(|_| tls_on) else {
+            return Ok(None);
+        };
+        let l = bind_tcp_any(cfg.listen_host, port, "HTTP", cfg.reuse_port)?;
+        let addr = l.local_addr().ok();
+        let router = http::port80_router(self.http.clone(), acme.map(|a| a.challenges()));
+        self.tasks
+            .spawn(serve_plain_http(l, router, self.shutdown.clone()));
+        Ok(addr)
+    }
+
+    /// `--metrics-addr`: `/metrics`, `/healthz` and `/readyz`.
+    fn spawn_metrics(&mut self) -> Result<Option<SocketAddr>, ServerError> {
+        let Some(a) = self.cfg.metrics_addr else {
+            return Ok(None);
+        };
+        let l = bind_tcp(a, "metrics", self.cfg.reuse_port)?;
+        let addr = l.local_addr().ok();
+        let mut reg = PromRegistry::default();
+        self.derp.metrics.register(&mut reg);
+        let router = metrics_router(Arc::new(reg), self.http.clone());
+        // Served until the drain ends, not only until shutdown starts: /readyz says 503
+        // and /metrics can still be scraped while clients are being moved away.
+        self.tasks
+            .spawn(serve_plain_http(l, router, self.conns_stop.clone()));
+        Ok(addr)
+    }
+
+    fn spawn_accept_loop(
+        &mut self,
+        derp_listener: DerpListener,
+        resolver: Option<&Arc<CertResolver>>,
+        listener_closed: &CancellationToken,
+    ) {
+        self.tasks.spawn(accept_loop(
+            derp_listener.listener,
+            resolver.map(|r| TlsAcceptor::from(certs::server_config(r.clone()))),
+            http::router(self.http.clone()),
+            self.http.clone(),
+            self.cfg.clone(),
+            self.shutdown.clone(),
+            listener_closed.clone(),
+        ));
+    }
+
+    /// The tasks beside the listeners: bootstrap DNS, ACME orders, reloads on SIGHUP or file
+    /// change, and the mesh.
+    fn spawn_background(
+        &mut self,
+        acme: Option<crate::acme::AcmeManager>,
+        reloader: Option<&Arc<CertReloader>>,
+        resolver: Option<&Arc<CertResolver>>,
+        derp_port: u16,
+    ) {
+        let (cfg, shutdown) = (&self.cfg, &self.shutdown);
+        self.tasks.spawn(http::refresh_bootstrap_dns(
+            self.http.clone(),
+            cfg.bootstrap_dns_names.clone(),
+            shutdown.clone(),
+        ));
+        if let Some(a) = acme {
+            // Listeners are up: the CA's validation can reach both challenge ports.
+            self.tasks.spawn(a.run(shutdown.clone()));
+        }
+        if let Some(p) = cfg.rate_config.clone() {
+            self.tasks.spawn(reload_rate_config_on_hup(
+                self.derp.clone(),
+                p,
+                shutdown.clone(),
+            ));
+        }
+        if let Some(r) = reloader {
+            self.tasks
+                .spawn(r.clone().run(self.derp.metrics.clone(), shutdown.clone()));
+        }
+        if let Some(mesh_cfg) = cfg.mesh.clone() {
+            let mesh = crate::mesh::Mesh::new(
+                self.derp.clone(),
+                mesh_cfg,
+                cfg.hostname.clone(),
+                derp_port,
+                resolver.cloned().map(own_pin_source),
+                self.conns_stop.clone(),
+            );
+            self.tasks.spawn(mesh.run());
+        }
+    }
 }
 
 /// The relay itself: keys, limits and the admission check, before any socket is open.
@@ -607,18 +697,7 @@ async fn accept_loop(
     let mut listener = Some(listener);
     // Connections the kernel completed before the listener closed, served like any other.
     let mut backlog: Option<std::vec::IntoIter<(TcpStream, SocketAddr)>> = None;
-    let mut accept_bucket = cfg
-        .accept_rate
-        .map(|r| crate::limits::TokenBucket::new(r, cfg.accept_burst as f64));
-    let slots = (cfg.max_connections > 0)
-        .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)));
-    let refuse = |reason: &'static str| {
-        st.derp
-            .metrics
-            .connections_refused
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-    };
+    let mut limits = AcceptLimits::new(&cfg);
     // Connection tasks are owned here: DERP connections end on the connections' token (after
     // their Restarting frame); whatever is left then (plain HTTP, handshakes) is aborted.
     let mut conns = JoinSet::new();
@@ -652,54 +731,96 @@ async fn accept_loop(
         st.derp.metrics.accepts.inc();
         // Over a limit the connection is closed at once and the server goes on (Go's limiter
         // makes its http.Server exit instead).
-        if let Some(b) = accept_bucket.as_mut()
-            && !b.try_take(1.0)
-        {
-            refuse("accept_rate");
-            drop(sock);
-            continue;
-        }
-        let permit = match &slots {
-            None => None,
-            Some(s) => match s.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    refuse("max_connections");
-                    drop(sock);
-                    continue;
-                }
-            },
+        let permit = match limits.admit() {
+            Ok(permit) => permit,
+            Err(reason) => {
+                st.derp
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                drop(sock);
+                continue;
+            }
         };
         tune_accepted(&sock, &cfg);
         // Peers on a dual-stack socket are reported as plain IPv4, as Go does.
         let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
-        let st = st.clone();
-        let router = router.clone();
-        let acceptor = acceptor.clone();
         let pending = st.derp.pending_conn();
-        conns.spawn(async move {
-            let _permit = permit;
-            match acceptor {
-                None => http::serve_connection(st, router, sock, remote, pending).await,
-                Some(acc) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
-                        // A TLS-ALPN-01 validation: the handshake was the answer.
-                        Ok(Ok(tls))
-                            if tls.get_ref().1.alpn_protocol() == Some(certs::ACME_TLS_ALPN) => {}
-                        Ok(Ok(tls)) => {
-                            http::serve_connection(st, router, tls, remote, pending).await
-                        }
-                        Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
-                        Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
-                    }
-                }
-            }
-        });
+        conns.spawn(serve_accepted(
+            st.clone(),
+            router.clone(),
+            acceptor.clone(),
+            sock,
+            remote,
+            pending,
+            permit,
+        ));
     }
     drop(listener);
     listener_closed.cancel();
     st.derp.shutdown.cancelled().await;
     conns.shutdown().await;
+}
+
+/// The accept loop's limits: `--accept-rate`/`--accept-burst` and `--max-connections`.
+struct AcceptLimits {
+    bucket: Option<crate::limits::TokenBucket>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl AcceptLimits {
+    fn new(cfg: &Config) -> Self {
+        Self {
+            bucket: cfg
+                .accept_rate
+                .map(|r| crate::limits::TokenBucket::new(r, cfg.accept_burst as f64)),
+            slots: (cfg.max_connections > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_connections))),
+        }
+    }
+
+    /// Lets one more connection in, holding its `--max-connections` slot (if any) until the
+    /// permit drops; `Err` is the `connections_refused` reason.
+    fn admit(&mut self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, &'static str> {
+        if let Some(b) = self.bucket.as_mut()
+            && !b.try_take(1.0)
+        {
+            return Err("accept_rate");
+        }
+        match &self.slots {
+            None => Ok(None),
+            Some(s) => s
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| "max_connections"),
+        }
+    }
+}
+
+/// One accepted connection: its TLS handshake (bounded by [`TLS_HANDSHAKE_TIMEOUT`]), then HTTP
+/// and the DERP upgrade. `permit` holds its `--max-connections` slot until it ends.
+async fn serve_accepted(
+    st: Arc<HttpState>,
+    router: Router,
+    acceptor: Option<TlsAcceptor>,
+    sock: TcpStream,
+    remote: SocketAddr,
+    pending: crate::derp::PendingConn,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let _permit = permit;
+    let Some(acc) = acceptor else {
+        return http::serve_connection(st, router, sock, remote, pending).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(sock)).await {
+        // A TLS-ALPN-01 validation: the handshake was the answer.
+        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(certs::ACME_TLS_ALPN) => {}
+        Ok(Ok(tls)) => http::serve_connection(st, router, tls, remote, pending).await,
+        Ok(Err(_)) => st.derp.metrics.handshake_failure("tls"),
+        Err(_) => st.derp.metrics.handshake_failure("tls_timeout"),
+    }
 }
 
 /// Closes the listener, first taking every connection already in its accept queue: closing a

@@ -78,7 +78,10 @@ async fn two_servers_relay_both_ways_and_peer_gone_crosses() {
             reason: PeerGoneReason::Disconnected
         }
     );
+    let m1 = s1.derp.metrics.clone();
     s1.shutdown().await;
+    // The mesh owns its peers' tasks: shutdown returns after they ended, links down.
+    assert_eq!(m1.mesh_links.get(), 0);
     s2.shutdown().await;
 }
 

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +27,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use exp_backoff::Backoff;
 
 use crate::apply::{self, Applied, FIELD_MANAGER, WriteCounters};
+use crate::certstate::{CertReason, CertState};
 use crate::crd::{
     CONDITION_CERTIFICATE_READY, CONDITION_CONFLICT, CONDITION_HEALTHY, CONDITION_READY,
     DerpRegion, DerpRegionStatus, RegionProbeStatus,
@@ -39,8 +39,6 @@ use crate::render::{
     LABEL_REGION, RenderContext, Rendered, certificate_name, mesh_key_secret_name, render,
     tls_secret_name,
 };
-use crate::select::plan_nodes;
-use crate::tls;
 
 /// A healthy region is looked at again this often even without events: a safety net for a
 /// missed watch event; it writes nothing when nothing changed.
@@ -128,24 +126,6 @@ pub struct Context {
     /// The error backoff of each region that is failing, for [`error_policy`].
     pub failures: Mutex<HashMap<RegionKey, Backoff>>,
     pub reconciles: std::sync::atomic::AtomicU64,
-}
-
-/// State of the region's certificate, as `CertificateReady` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertState {
-    pub ready: bool,
-    pub reason: String,
-    pub message: String,
-}
-
-impl CertState {
-    fn new(ready: bool, reason: &str, message: impl Into<String>) -> Self {
-        Self {
-            ready,
-            reason: reason.into(),
-            message: message.into(),
-        }
-    }
 }
 
 /// Reconciles one region (leader only).
@@ -399,33 +379,23 @@ async fn certificate_state(
             })?;
         return Ok(match found {
             Some(found) => {
-                let state =
-                    provided_secret_state(region, &observed.nodes, secret, &found, now_unix);
+                let state = CertState::of_provided_secret(
+                    region,
+                    &observed.nodes,
+                    secret,
+                    &found,
+                    now_unix,
+                );
                 outcome(state, false)
             }
-            None => outcome(
-                CertState::new(
-                    false,
-                    "SecretNotFound",
-                    format!(
-                        "Secret {secret} (tls.secretName) does not exist in namespace {ns}; the \
-                         derpers cannot start until it does"
-                    ),
-                ),
-                true,
-            ),
+            None => outcome(CertState::secret_not_found(secret, ns), true),
         });
     }
     Ok(if rendered.tls_secret.is_some() {
-        let message = format!(
-            "self-signed certificate in Secret {}; the map pins it",
-            tls_secret_name(region)
-        );
-        outcome(CertState::new(true, "SelfSigned", message), false)
+        outcome(CertState::self_signed(&tls_secret_name(region)), false)
     } else {
-        let message =
-            "no node is selected yet; the self-signed certificate is made for the first one";
-        outcome(CertState::new(false, "NoNodes", message), false)
+        let what = "the self-signed certificate is made for the first one";
+        outcome(CertState::no_nodes(what), false)
     })
 }
 
@@ -488,55 +458,6 @@ async fn write_status(
         publish(ctx, region, ev).await;
     }
     Ok(true)
-}
-
-/// `CertificateReady` of a `tls.secretName` region: the Secret holds a certificate that is valid
-/// now and names every node's host (the DNS names with a hostname template, else the IPs).
-fn provided_secret_state(
-    region: &DerpRegion,
-    nodes: &[Node],
-    name: &str,
-    secret: &Secret,
-    now_unix: i64,
-) -> CertState {
-    let data = secret.data.as_ref();
-    let (Some(crt), Some(_)) = (
-        data.and_then(|d| d.get("tls.crt")),
-        data.and_then(|d| d.get("tls.key")),
-    ) else {
-        return CertState::new(
-            false,
-            "SecretInvalid",
-            format!("Secret {name} (tls.secretName) needs the keys tls.crt and tls.key"),
-        );
-    };
-    let mut sans = tls::Sans::default();
-    for p in plan_nodes(&region.spec, nodes)
-        .iter()
-        .filter(|p| p.has_address())
-    {
-        if region.spec.hostname_template.is_some() {
-            sans.dns.push(p.host_name.clone());
-        } else {
-            sans.ips.extend(p.ipv4.map(IpAddr::from));
-            sans.ips.extend(p.ipv6.map(IpAddr::from));
-        }
-    }
-    match tls::check_provided(&crt.0, &sans, now_unix) {
-        Ok(()) => CertState::new(
-            true,
-            "SecretFound",
-            format!(
-                "using Secret {name} ({}, valid for every selected node)",
-                tls::pin(&crt.0).unwrap_or_default()
-            ),
-        ),
-        Err(why) => CertState::new(
-            false,
-            "SecretInvalid",
-            format!("Secret {name} (tls.secretName): {why}"),
-        ),
-    }
 }
 
 /// Deletes the objects the region owns but no longer renders (see `prune.rs`), from the caches.
@@ -614,12 +535,7 @@ async fn certificate(
             ctx.cert_crd.store(true, Ordering::Relaxed);
         } else {
             return Ok(CertificateOutcome {
-                state: CertState::new(
-                    false,
-                    "CertManagerMissing",
-                    "cert-manager is not installed (no certificates.cert-manager.io/v1 API): \
-                     install cert-manager, or use tls.selfSigned or tls.secretName",
-                ),
+                state: CertState::cert_manager_missing(),
                 applied: None,
                 look_again_soon: true,
             });
@@ -627,11 +543,7 @@ async fn certificate(
     }
     let Some(desired) = desired else {
         return Ok(CertificateOutcome {
-            state: CertState::new(
-                false,
-                "NoNodes",
-                "no node is selected yet; the Certificate is requested once one is",
-            ),
+            state: CertState::no_nodes("the Certificate is requested once one is"),
             applied: None,
             look_again_soon: false,
         });
@@ -654,45 +566,9 @@ async fn certificate(
         &ctx.counters,
     )
     .await?;
-    let cond = have_v
-        .as_ref()
-        .and_then(|v| v.pointer("/status/conditions"))
-        .and_then(|c| c.as_array())
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready"))
-        });
-    let s = |c: &serde_json::Value, k: &str| {
-        c.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let state = match cond {
-        Some(c) if s(c, "status") == "True" => CertState::new(
-            true,
-            "Issued",
-            format!("Certificate {cname} is issued (Secret {cname})"),
-        ),
-        Some(c) => CertState::new(
-            false,
-            "CertificateNotReady",
-            format!(
-                "Certificate {cname} is not ready: {} {}",
-                s(c, "reason"),
-                s(c, "message")
-            )
-            .trim_end()
-            .to_string(),
-        ),
-        None => CertState::new(
-            false,
-            "CertificatePending",
-            format!("waiting for cert-manager to issue Certificate {cname}"),
-        ),
-    };
+    let state = CertState::of_certificate(&cname, have_v.as_ref());
     Ok(CertificateOutcome {
-        look_again_soon: !state.ready,
+        look_again_soon: !state.ready(),
         state,
         applied: Some(applied),
     })
@@ -750,6 +626,20 @@ pub enum ReadyReason {
 }
 
 impl ReadyReason {
+    pub const ALL: [ReadyReason; 6] = [
+        Self::Published,
+        Self::Conflict,
+        Self::NoNodeSelected,
+        Self::WaitingForCertificate,
+        Self::InvalidRegionID,
+        Self::NoReadyNode,
+    ];
+
+    /// The reason a status read back from the API server carries (`None`: not one of ours).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     /// The reason for the map's facts: the one place a [`NotPublished`] becomes a reason.
     pub fn of(facts: &RegionFacts) -> Self {
         match &facts.not_published {
@@ -859,8 +749,8 @@ pub fn desired_status(
         ),
         condition(
             CONDITION_CERTIFICATE_READY,
-            cert.ready,
-            &cert.reason,
+            cert.ready(),
+            cert.reason.as_str(),
             cert.message.clone(),
             generation,
             old,
@@ -1053,20 +943,22 @@ pub fn transitions(old: Option<&DerpRegionStatus>, new: &DerpRegionStatus) -> Ve
             continue;
         }
         let ok = c.status == "True";
-        let (type_, reason) = match (c.type_.as_str(), ok, c.reason.as_str()) {
-            (CONDITION_CONFLICT, true, _) => (EventType::Warning, "RegionConflict"),
-            (CONDITION_CONFLICT, false, _) if old.is_some() => {
-                (EventType::Normal, "ConflictResolved")
-            }
-            (CONDITION_CERTIFICATE_READY, false, "CertManagerMissing") => {
-                (EventType::Warning, "CertManagerMissing")
-            }
-            (CONDITION_CERTIFICATE_READY, false, "NoNodes") => continue,
-            (CONDITION_CERTIFICATE_READY, false, _) => (EventType::Warning, "CertificateNotReady"),
-            (CONDITION_CERTIFICATE_READY, true, _) => (EventType::Normal, "CertificateReady"),
-            (CONDITION_READY, false, "NoReadyNode") => (EventType::Warning, "NoReadyNode"),
-            (CONDITION_READY, false, "NoNodeSelected") => (EventType::Warning, "NoNodeSelected"),
-            (CONDITION_READY, true, _) => (EventType::Normal, "Published"),
+        let (type_, reason) = match c.type_.as_str() {
+            CONDITION_CONFLICT if ok => (EventType::Warning, "RegionConflict"),
+            CONDITION_CONFLICT if old.is_some() => (EventType::Normal, "ConflictResolved"),
+            CONDITION_CERTIFICATE_READY => match CertReason::parse(&c.reason) {
+                _ if ok => (EventType::Normal, "CertificateReady"),
+                Some(CertReason::CertManagerMissing) => (EventType::Warning, "CertManagerMissing"),
+                // Ready=False NoNodeSelected says it already.
+                Some(CertReason::NoNodes) => continue,
+                _ => (EventType::Warning, "CertificateNotReady"),
+            },
+            CONDITION_READY => match ReadyReason::parse(&c.reason) {
+                _ if ok => (EventType::Normal, "Published"),
+                Some(ReadyReason::NoReadyNode) => (EventType::Warning, "NoReadyNode"),
+                Some(ReadyReason::NoNodeSelected) => (EventType::Warning, "NoNodeSelected"),
+                _ => continue,
+            },
             _ => continue,
         };
         out.push(Event {
@@ -1149,7 +1041,7 @@ mod tests {
     }
 
     fn cert() -> CertState {
-        CertState::new(true, "SelfSigned", "x")
+        CertState::self_signed("x")
     }
 
     fn ts(s: i64) -> Timestamp {
@@ -1217,6 +1109,10 @@ mod tests {
     /// reconcile writes (`build_map`, then `desired_status`, as the map task and the controller
     /// chain them).
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one table of every reason, from one build_map of regions that conflict with each other"
+    )]
     fn every_status_reason_from_the_map_build() {
         use crate::crd::{SelfSignedMode, SelfSignedSpec};
         use crate::mapbuild::{MapConfig, MapInput, build_map};
@@ -1378,70 +1274,6 @@ mod tests {
     }
 
     #[test]
-    fn provided_secret_must_hold_a_cert_naming_every_node() {
-        use crate::testutil::node;
-        use k8s_openapi::ByteString;
-        let mut r = region("home", 900);
-        r.spec.tls.self_signed = None;
-        r.spec.tls.secret_name = Some("user-tls".into());
-        let nodes = [
-            node("a", &[("InternalIP", "10.0.0.1")]),
-            node("b", &[("InternalIP", "10.0.0.2")]),
-        ];
-        let now = 1_790_000_000;
-        let secret = |ips: &[&str]| {
-            let sans = tls::Sans {
-                dns: vec![],
-                ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
-            };
-            let ck = tls::generate(&sans, "user", now).unwrap();
-            Secret {
-                data: Some(
-                    [
-                        ("tls.crt".to_string(), ByteString(ck.cert_pem.into_bytes())),
-                        ("tls.key".to_string(), ByteString(ck.key_pem.into_bytes())),
-                    ]
-                    .into(),
-                ),
-                ..Default::default()
-            }
-        };
-        let ok = provided_secret_state(
-            &r,
-            &nodes,
-            "user-tls",
-            &secret(&["10.0.0.1", "10.0.0.2"]),
-            now,
-        );
-        assert!(ok.ready, "{ok:?}");
-        assert!(ok.message.contains("sha256-raw:"), "{ok:?}");
-        let short = provided_secret_state(&r, &nodes, "user-tls", &secret(&["10.0.0.1"]), now);
-        assert_eq!(
-            (short.ready, short.reason.as_str()),
-            (false, "SecretInvalid")
-        );
-        assert!(
-            short.message.contains("does not name 10.0.0.2"),
-            "{short:?}"
-        );
-        let empty = provided_secret_state(&r, &nodes, "user-tls", &Secret::default(), now);
-        assert!(empty.message.contains("tls.crt and tls.key"), "{empty:?}");
-        // With a hostname template the DNS names count, not the IPs.
-        r.spec.hostname_template = Some("{node}.derp.example.com".into());
-        let wild = tls::Sans {
-            dns: vec!["*.derp.example.com".into()],
-            ips: vec![],
-        };
-        let ck = tls::generate(&wild, "user", now).unwrap();
-        let mut s = secret(&[]);
-        s.data
-            .as_mut()
-            .unwrap()
-            .insert("tls.crt".into(), ByteString(ck.cert_pem.into_bytes()));
-        assert!(provided_secret_state(&r, &nodes, "user-tls", &s, now).ready);
-    }
-
-    #[test]
     fn probe_verdicts_become_a_condition_and_one_event_per_node_transition() {
         use crate::crd::{NodeProbeStatus, RegionProbeStatus};
         let r = crate::testutil::region("home", 900);
@@ -1524,6 +1356,15 @@ mod tests {
         assert!(off.conditions.iter().all(|c| c.type_ != CONDITION_HEALTHY));
     }
 
+    #[test]
+    fn ready_reasons_read_back_as_themselves() {
+        for r in ReadyReason::ALL {
+            assert_eq!(ReadyReason::parse(r.as_str()), Some(r));
+            assert_eq!(r.to_string(), r.as_str());
+        }
+        assert_eq!(ReadyReason::parse("Unknown"), None);
+    }
+
     fn condition_of(s: &DerpRegionStatus, t: &str) -> (String, String) {
         let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
         (c.status.clone(), c.reason.clone())
@@ -1532,7 +1373,7 @@ mod tests {
     #[test]
     fn missing_cert_manager_is_a_condition_and_an_event() {
         let r = region("home", 900);
-        let cm = CertState::new(false, "CertManagerMissing", "cert-manager is not installed");
+        let cm = CertState::cert_manager_missing();
         let s = desired_status(&r, &facts(0, 0), &cm, None, ts(1));
         let c = &s.conditions[1];
         assert_eq!(

@@ -5,6 +5,7 @@
 //! (`maptask`), leader election (`leader`) and the wiring of `operator run` (`run`).
 
 pub mod apply;
+pub mod certstate;
 pub mod controller;
 pub mod crd;
 pub mod leader;

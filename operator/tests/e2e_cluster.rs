@@ -52,6 +52,10 @@ fn our_versions(rig: &Rig) -> Vec<(String, String)> {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig, steps in order; to be split into tests sharing the rig so that a failing step does not hide the later ones"
+)]
 fn operator_on_real_control_plane() {
     let t_all = Instant::now();
     let mut rig = Rig::start(RigOptions::default());

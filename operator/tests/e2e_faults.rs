@@ -661,6 +661,10 @@ fn setup_namespace(rig: &Rig, ns: &str, prefix: &str, first_ip: &str) {
 // ---------------------------------------------------------------------------------------------
 // 1. Control-plane faults
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig: each step builds on the state the previous one left"
+)]
 fn control_plane_faults(rig: &mut Rig) {
     let ns = "cpf";
     let map_cm = format!("derp-map-{ns}");
@@ -837,6 +841,10 @@ fn control_plane_faults(rig: &mut Rig) {
 // ---------------------------------------------------------------------------------------------
 // 2. Leader loss
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig: each step builds on the state the previous one left"
+)]
 fn leader_loss(rig: &mut Rig) {
     let ns = "ll";
     let map_cm = format!("derp-map-{ns}");
@@ -1065,6 +1073,10 @@ fn random_variant(rng: &mut StdRng) -> Variant {
     }
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig: each step builds on the state the previous one left"
+)]
 fn crash_mid_reconcile(rig: &mut Rig) {
     let ns = "crash";
     setup_namespace(rig, ns, "crash-", "127.0.6.1");

@@ -85,6 +85,10 @@ fn user_tls_secret(rig: &Rig, name: &str, san: &str) -> String {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig: each step builds on the state the previous one left"
+)]
 fn stale_objects_are_deleted_and_provided_secret_is_watched() {
     let t_all = Instant::now();
     let mut rig = Rig::start(RigOptions {

@@ -155,6 +155,10 @@ fn restart(rig: &Rig, pod: &str, before: impl FnOnce()) -> i32 {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig: each step builds on the state the previous one left"
+)]
 fn prober_detects_faults_gates_the_map_and_recovers() {
     let t_all = Instant::now();
     let derper = common::derper_bin();

@@ -93,6 +93,10 @@ struct Measured {
 }
 
 /// Runs derproll while `change` is applied and the DaemonSet rolls; returns what it measured.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one measurement: the poller, the clients and the rollout run side by side and are read together"
+)]
 fn measure(
     rig: &mut Rig,
     ts: &Path,

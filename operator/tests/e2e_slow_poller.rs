@@ -64,6 +64,10 @@ fn pod_names(rig: &Rig) -> Vec<String> {
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one scenario on one rig: each step builds on the state the previous one left"
+)]
 fn map_keeps_regions_through_blinks_and_never_goes_empty() {
     let mut rig = Rig::start(RigOptions::default());
     rig.install_crd();
