@@ -304,12 +304,19 @@ pub struct ProbeMetrics {
     inner: Mutex<MetricsState>,
 }
 
+/// A probed node: its region and its name in the map (`900-a`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct NodeKey {
+    region: RegionKey,
+    node: String,
+}
+
 #[derive(Debug, Default)]
 struct MetricsState {
     rounds: u64,
     round_seconds: f64,
-    /// (region, node) -> (latest round, verdict).
-    nodes: BTreeMap<(RegionKey, String), (NodeRound, bool)>,
+    /// The latest round and the verdict of each node.
+    nodes: BTreeMap<NodeKey, (NodeRound, bool)>,
     /// (region, check) -> histogram; check "mesh" is the delivery time.
     latency: BTreeMap<(RegionKey, &'static str), Histogram>,
 }
@@ -341,8 +348,13 @@ impl ProbeMetrics {
                 mesh: vec![("900-b".into(), Outcome::Ok(ms(2)))],
             };
             let key = RegionKey::new("derp", "home");
-            s.nodes
-                .insert((key.clone(), "900-a".into()), (round, false));
+            s.nodes.insert(
+                NodeKey {
+                    region: key.clone(),
+                    node: "900-a".into(),
+                },
+                (round, false),
+            );
             let mut h = Histogram::default();
             h.observe(ms(3));
             s.latency.insert((key.clone(), "tls"), h.clone());
@@ -362,103 +374,128 @@ impl ProbeMetrics {
 
 impl Collector for ProbeMetrics {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
-        use crate::metrics::{counter, gauge, gauge_family, histogram_family};
         let m = self.lock();
+        m.encode_rounds(&mut e)?;
+        m.encode_nodes(&mut e)?;
+        m.encode_latency(&mut e)
+    }
+}
+
+impl NodeKey {
+    fn labels(&self) -> NodeLabels {
+        NodeLabels {
+            namespace: esc(&self.region.namespace),
+            region: esc(&self.region.name),
+            node: esc(&self.node),
+        }
+    }
+}
+
+fn region_labels(r: &RegionKey) -> RegionLabels {
+    RegionLabels {
+        namespace: esc(&r.namespace),
+        region: esc(&r.name),
+    }
+}
+
+impl MetricsState {
+    fn encode_rounds(&self, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::{counter, gauge};
         counter(
-            &mut e,
+            e,
             "derp_fleet_probe_rounds",
             "Probe rounds run by this replica.",
-            m.rounds,
+            self.rounds,
         )?;
         gauge(
-            &mut e,
+            e,
             "derp_fleet_probe_round_duration_seconds",
             "How long the latest probe round took.",
-            m.round_seconds,
-        )?;
-        let node = |r: &RegionKey, node: &str| NodeLabels {
-            namespace: esc(&r.namespace),
-            region: esc(&r.name),
-            node: esc(node),
-        };
-        let success = m.nodes.iter().flat_map(|((r, n), (round, _))| {
+            self.round_seconds,
+        )
+    }
+
+    /// The latest round's results and the verdict of each node.
+    fn encode_nodes(&self, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::gauge_family;
+        let success = self.nodes.iter().flat_map(|(key, (round, _))| {
             let run = CHECKS.iter().zip(&round.checks);
             run.filter(|(_, o)| **o != Outcome::Skipped)
                 .map(move |(c, o)| {
                     let l = CheckLabels {
-                        node: node(r, n),
+                        node: key.labels(),
                         check: c,
                     };
                     (l, i64::from(!o.failed()))
                 })
         });
         gauge_family(
-            &mut e,
+            e,
             "derp_fleet_probe_success",
             "Whether the check passed in the latest round (tls, derp, stun, mesh).",
             success,
         )?;
         gauge_family(
-            &mut e,
+            e,
             "derp_fleet_probe_healthy",
             "The prober's verdict with hysteresis (0 after --probe-fail-rounds failed rounds).",
-            m.nodes
+            self.nodes
                 .iter()
-                .map(|((r, n), (_, verdict))| (node(r, n), i64::from(*verdict))),
+                .map(|(key, (_, verdict))| (key.labels(), i64::from(*verdict))),
         )?;
         gauge_family(
-            &mut e,
+            e,
             "derp_fleet_probe_cert_not_after_seconds",
             "notAfter (Unix seconds) of the certificate the node served in the latest round.",
-            m.nodes
+            self.nodes
                 .iter()
-                .filter_map(|((r, n), (round, _))| Some((node(r, n), round.cert_not_after?))),
+                .filter_map(|(key, (round, _))| Some((key.labels(), round.cert_not_after?))),
         )?;
-        let mesh = m.nodes.iter().flat_map(|((r, n), (round, _))| {
+        let mesh = self.nodes.iter().flat_map(|(key, (round, _))| {
             let sent = round.mesh.iter().filter(|(_, o)| *o != Outcome::Skipped);
             sent.map(move |(to, o)| {
                 let l = MeshLabels {
-                    namespace: esc(&r.namespace),
-                    region: esc(&r.name),
-                    from: esc(n),
+                    namespace: esc(&key.region.namespace),
+                    region: esc(&key.region.name),
+                    from: esc(&key.node),
                     to: esc(to),
                 };
                 (l, i64::from(!o.failed()))
             })
         });
         gauge_family(
-            &mut e,
+            e,
             "derp_fleet_probe_mesh_success",
             "Whether a packet from a client on one node reached a client on its sibling.",
             mesh,
-        )?;
-        let region = |r: &RegionKey| RegionLabels {
-            namespace: esc(&r.namespace),
-            region: esc(&r.name),
-        };
+        )
+    }
+
+    fn encode_latency(&self, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::histogram_family;
         histogram_family(
-            &mut e,
+            e,
             "derp_fleet_probe_latency_seconds",
             "Probe latency by check: TLS handshake, whole DERP connect, STUN round trip.",
-            m.latency
+            self.latency
                 .iter()
                 .filter(|((_, c), _)| *c != "mesh")
                 .map(|((r, c), h)| {
                     let l = RegionCheckLabels {
-                        region: region(r),
+                        region: region_labels(r),
                         check: c,
                     };
                     (l, h.series())
                 }),
         )?;
         histogram_family(
-            &mut e,
+            e,
             "derp_fleet_probe_mesh_delivery_seconds",
             "Time from sending a packet on one node to receiving it on a sibling.",
-            m.latency
+            self.latency
                 .iter()
                 .filter(|((_, c), _)| *c == "mesh")
-                .map(|((r, _), h)| (region(r), h.series())),
+                .map(|((r, _), h)| (region_labels(r), h.series())),
         )
     }
 }
@@ -517,9 +554,9 @@ struct Target {
 
 impl Prober {
     pub async fn run(self, cancel: CancellationToken) {
-        let mut states: BTreeMap<(RegionKey, String), NodeState> = BTreeMap::new();
-        let mut written: BTreeMap<(RegionKey, String), StatusNumbers> = BTreeMap::new();
-        let mut absent: BTreeMap<(RegionKey, String), (Instant, NodeState)> = BTreeMap::new();
+        let mut states: BTreeMap<NodeKey, NodeState> = BTreeMap::new();
+        let mut written: BTreeMap<NodeKey, StatusNumbers> = BTreeMap::new();
+        let mut absent: BTreeMap<NodeKey, (Instant, NodeState)> = BTreeMap::new();
         let mut refreshed_at = Instant::now();
         let mut map = self.map.clone();
         info!(interval = ?self.config.interval, concurrency = self.config.concurrency,
@@ -551,14 +588,14 @@ impl Prober {
             // Nodes no longer probed leave the status and the metrics. An unhealthy one is
             // remembered for a while: a failing derper whose pod restarts (NotReady, then Ready
             // again) must pass `recover_rounds` before it counts as healthy, not start afresh.
-            let live: BTreeSet<(RegionKey, String)> = rounds.keys().cloned().collect();
-            let gone: Vec<(RegionKey, String)> = states
+            let live: BTreeSet<NodeKey> = rounds.keys().cloned().collect();
+            let gone: Vec<NodeKey> = states
                 .keys()
                 .filter(|k| !live.contains(*k))
                 .cloned()
                 .collect();
             for k in gone {
-                changed.insert(k.0.clone());
+                changed.insert(k.region.clone());
                 written.remove(&k);
                 if let Some(st) = states.remove(&k)
                     && !st.healthy
@@ -570,9 +607,9 @@ impl Prober {
             for (key, round) in &rounds {
                 let first_sight = !states.contains_key(key);
                 let state = states.entry(key.clone()).or_insert_with(|| {
-                    changed.insert(key.0.clone());
+                    changed.insert(key.region.clone());
                     absent.remove(key).map_or_else(
-                        || NodeState::new(self.previous_status(&key.0, &key.1).as_ref()),
+                        || NodeState::new(self.previous_status(&key.region, &key.node).as_ref()),
                         |(_, st)| st,
                     )
                 });
@@ -580,9 +617,9 @@ impl Prober {
                 let flipped = state.apply(round, &self.config, now);
                 if flipped {
                     if state.healthy {
-                        info!(region = %key.0, node = %key.1, "probe: node healthy again");
+                        info!(region = %key.region, node = %key.node, "probe: node healthy again");
                     } else {
-                        warn!(region = %key.0, node = %key.1,
+                        warn!(region = %key.region, node = %key.node,
                               check = ?state.failing_check, message = ?state.message,
                               "probe: node failing");
                     }
@@ -592,21 +629,18 @@ impl Prober {
                     numbers.last_success = state.last_success;
                     numbers.latency_ms = state.latency_ms;
                     numbers.message = state.message.clone();
-                    changed.insert(key.0.clone());
+                    changed.insert(key.region.clone());
                 }
             }
             self.record_metrics(&rounds, &states, &targets, elapsed);
             let mut report = ProbeReport::new();
-            for ((region, node), state) in &states {
-                let numbers = written
-                    .get(&(region.clone(), node.clone()))
-                    .cloned()
-                    .unwrap_or_default();
+            for (key, state) in &states {
+                let numbers = written.get(key).cloned().unwrap_or_default();
                 report
-                    .entry(region.clone())
+                    .entry(key.region.clone())
                     .or_default()
                     .nodes
-                    .push(state.status(node, &numbers));
+                    .push(state.status(&key.node, &numbers));
             }
             self.report.send_replace(Some(Arc::new(report)));
             for region in changed {
@@ -672,8 +706,8 @@ impl Prober {
 
     fn record_metrics(
         &self,
-        rounds: &BTreeMap<(RegionKey, String), NodeRound>,
-        states: &BTreeMap<(RegionKey, String), NodeState>,
+        rounds: &BTreeMap<NodeKey, NodeRound>,
+        states: &BTreeMap<NodeKey, NodeState>,
         targets: &[Target],
         elapsed: Duration,
     ) {
@@ -689,7 +723,7 @@ impl Prober {
             .collect();
         let regions: BTreeSet<&RegionKey> = targets.iter().map(|t| &t.region).collect();
         m.latency.retain(|(r, _), _| regions.contains(r));
-        for ((region, _), r) in rounds {
+        for (NodeKey { region, .. }, r) in rounds {
             for (c, o) in CHECKS.iter().zip(&r.checks).take(3) {
                 if let Some(d) = o.latency() {
                     m.latency
@@ -725,10 +759,7 @@ impl Drop for Connected {
 }
 
 /// One round over every target: node checks (bounded), then the mesh pairs of each region.
-async fn probe_round(
-    targets: &[Target],
-    cfg: &ProbeConfig,
-) -> BTreeMap<(RegionKey, String), NodeRound> {
+async fn probe_round(targets: &[Target], cfg: &ProbeConfig) -> BTreeMap<NodeKey, NodeRound> {
     let sem = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let node_checks = targets.iter().map(|t| {
         let sem = sem.clone();
@@ -739,10 +770,13 @@ async fn probe_round(
         }
     });
     let results = futures::future::join_all(node_checks).await;
-    let mut rounds: BTreeMap<(RegionKey, String), NodeRound> = BTreeMap::new();
+    let mut rounds: BTreeMap<NodeKey, NodeRound> = BTreeMap::new();
     let mut by_region: BTreeMap<RegionKey, Vec<(String, Connected)>> = BTreeMap::new();
     for (t, round, client) in results {
-        let key = (t.region.clone(), t.node.name.clone());
+        let key = NodeKey {
+            region: t.region.clone(),
+            node: t.node.name.clone(),
+        };
         rounds.insert(key, round);
         if let Some(c) = client {
             by_region
@@ -777,13 +811,16 @@ async fn probe_round(
             .entry(region.clone())
             .or_default()
             .push((a.clone(), b.clone(), !o.failed()));
-        if let Some(r) = rounds.get_mut(&(region, a)) {
+        if let Some(r) = rounds.get_mut(&NodeKey { region, node: a }) {
             r.mesh.push((b, o));
         }
     }
     for (region, pairs) in per_region {
         for (node, blamed) in mesh_blame(&pairs) {
-            let Some(r) = rounds.get_mut(&(region.clone(), node.clone())) else {
+            let Some(r) = rounds.get_mut(&NodeKey {
+                region: region.clone(),
+                node: node.clone(),
+            }) else {
                 continue;
             };
             let slowest = r.mesh.iter().filter_map(|(_, o)| o.latency()).max();
