@@ -40,3 +40,17 @@ rig_harness_hash() {
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
 }
 HARNESS_HOME=$RIG_CACHE/harness-$(rig_harness_hash)
+
+# crds_established SECS CRD...: polls until every named CRD reports Established. Not `kubectl wait
+# --for=condition=Established`: it fails at once ("accessor error: <nil>") while a CRD just
+# created has no conditions yet, which a loaded machine shows.
+crds_established() {
+  local deadline=$((SECONDS + $1)) crd; shift
+  for crd in "$@"; do
+    until [[ $("${KUBECTL:-kubectl}" get crd "${crd#customresourcedefinition.apiextensions.k8s.io/}" \
+                 -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null) == True ]]; do
+      ((SECONDS >= deadline)) && return 1
+      sleep 0.2
+    done
+  done
+}
