@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, RigOptions, condition, http_get, map, map_nodes, metric, wait_for};
+use common::{Rig, RigOptions, Steps, condition, http_get, map, map_nodes, metric, wait_for};
 
 const NS: &str = "derp";
 /// NotReady grace given to the operator: short, so the test measures the pipeline on top of it.
@@ -51,19 +51,9 @@ fn our_versions(rig: &Rig) -> Vec<(String, String)> {
     out
 }
 
-#[test]
-#[allow(
-    clippy::too_many_lines,
-    reason = "one scenario on one rig, steps in order; to be split into tests sharing the rig so that a failing step does not hide the later ones"
-)]
-fn operator_on_real_control_plane() {
-    let t_all = Instant::now();
-    let mut rig = Rig::start(RigOptions::default());
-    rig.install_crd();
-    rig.kubectl(&["create", "namespace", NS]);
-    rig.create_nodes("e2e-derp-", 3, "127.0.1.1", "derp", false);
-
-    // --- one replica; a 3-node self-signed region
+/// One replica and a 3-node self-signed region: the owned objects, the status, the pinned map and
+/// its ConfigMap. Returns the replica's index and port.
+fn region_published(rig: &mut Rig) -> (usize, u16) {
     let (a, port_a) = rig.start_operator("op-a", GRACE);
     let (_, d) = wait_for("op-a ready (caches synced, first map built)", || {
         let ok = http_get(port_a, "/readyz")?.0 == 200
@@ -113,7 +103,7 @@ fn operator_on_real_control_plane() {
         "self-signed region must not pass --mesh-ca-file: {args}"
     );
     assert!(args.contains("--mesh-with-file"), "{args}");
-    let (_, _) = wait_for("status Ready=True, 3/3", || {
+    wait_for("status Ready=True, 3/3", || {
         let r = rig.json(&["-n", NS, "get", "derpregion", "home"])?;
         let ok = condition(&r, "Ready")? == ("True".into(), "Published".into())
             && r.pointer("/status/nodesReady")?.as_str()? == "3/3"
@@ -137,8 +127,11 @@ fn operator_on_real_control_plane() {
             .unwrap()
             .contains("regionid: 900")
     );
+    (a, port_a)
+}
 
-    // --- a pod turns NotReady: its node leaves the map after the grace
+/// A pod turns NotReady: its node leaves the map after the grace, and comes back when Ready.
+fn readiness_moves_the_map(rig: &Rig, port_a: u16) {
     let pods = rig
         .json(&["-n", NS, "get", "pods", "-l", "derpfleet.io/region=home"])
         .unwrap();
@@ -187,7 +180,6 @@ fn operator_on_real_control_plane() {
         let r = rig.json(&["-n", NS, "get", "derpregion", "home"])?;
         (r.pointer("/status/nodesReady")?.as_str()? == "2/3").then_some(())
     });
-    // Back to Ready: back in the map.
     let t0 = Instant::now();
     rig.run("rigctl", &["pod-ready", NS, &pod_name, "true"]);
     wait_for("e2e-derp-1 back in the map", || {
@@ -197,8 +189,10 @@ fn operator_on_real_control_plane() {
         "MEASURED pod Ready -> node back in the map: {:?}",
         t0.elapsed()
     );
+}
 
-    // --- a node is deleted: gone from the map and from the mesh peers
+/// A node is deleted: gone from the map and from the mesh peers.
+fn node_deleted(rig: &Rig, port_a: u16) {
     let t0 = Instant::now();
     rig.run("rigctl", &["delete-node", "e2e-derp-2", "--force-pods"]);
     wait_for("e2e-derp-2 to leave the map", || {
@@ -212,8 +206,10 @@ fn operator_on_real_control_plane() {
         let cm = rig.json(&["-n", NS, "get", "configmap", "home-derper-mesh-peers"])?;
         (!cm["data"]["peers"].as_str()?.contains("127.0.1.3")).then_some(())
     });
+}
 
-    // --- the spec changes: the DaemonSet template follows
+/// The spec changes: the DaemonSet template follows.
+fn spec_change_reaches_the_daemonset(rig: &Rig) {
     let changed = region_yaml(
         "home",
         900,
@@ -235,8 +231,10 @@ fn operator_on_real_control_plane() {
         "spec change -> DaemonSet template changed: {:?}",
         t0.elapsed()
     );
+}
 
-    // --- a second region with the same id: Conflict, left out
+/// A second region with the same id, and a third with the same code: Conflict, left out.
+fn conflicts_left_out(rig: &Rig, port_a: u16) {
     rig.apply(&region_yaml(
         "dup",
         900,
@@ -254,7 +252,6 @@ fn operator_on_real_control_plane() {
             ok.then_some(())
         },
     );
-    // Another id with the same code: the code is taken.
     rig.apply(&region_yaml(
         "dupcode",
         902,
@@ -269,8 +266,10 @@ fn operator_on_real_control_plane() {
     });
     let (_, v) = map(port_a).unwrap();
     assert_eq!(v["Regions"]["900"]["RegionCode"], "home");
+}
 
-    // --- cert-manager is not installed: a clear condition and Event, not a crash loop
+/// cert-manager is not installed: a clear condition and Event, not a crash loop.
+fn cert_manager_missing(rig: &Rig) {
     rig.apply(&region_yaml(
         "acme",
         901,
@@ -296,24 +295,27 @@ fn operator_on_real_control_plane() {
         "kubectl get derpregions:\n{}",
         rig.kubectl(&["-n", NS, "get", "derpregions"])
     );
+}
 
-    // --- restart: nothing churns
+/// The replica is stopped and started again: it writes nothing (counters and resourceVersions).
+/// Returns the restarted replica's port.
+fn restart_without_churn(rig: &mut Rig, a: usize, port_a: u16) -> u16 {
     // The snapshot is taken once the first replica is quiet and stopped: a status or map write
     // still in flight when the snapshot was taken (pods turning Ready a moment late on a fast
     // machine) would otherwise be blamed on the restarted replica.
     wait_for("objects quiet for 3 s before the restart", || {
-        let first = our_versions(&rig);
+        let first = our_versions(rig);
         std::thread::sleep(Duration::from_secs(3));
-        (our_versions(&rig) == first).then_some(())
+        (our_versions(rig) == first).then_some(())
     });
     let writes_before = metric(port_a, "derpfleet_operator_apply_requests_total");
     assert!(
         rig.stop_operator(a).success(),
         "operator exited with an error on SIGTERM"
     );
-    let before = our_versions(&rig);
+    let before = our_versions(rig);
     println!("operator op-a before restart: apply requests {writes_before:?}");
-    let (a2, port_a2) = rig.start_operator("op-a", GRACE);
+    let (_, port_a2) = rig.start_operator("op-a", GRACE);
     wait_for(
         "restarted replica: leader, map served, a reconcile done",
         || {
@@ -324,13 +326,14 @@ fn operator_on_real_control_plane() {
         },
     );
     std::thread::sleep(Duration::from_secs(3));
-    let reconciles = metric(port_a2, "derpfleet_operator_reconciles_total").unwrap();
-    let requests = metric(port_a2, "derpfleet_operator_apply_requests_total").unwrap();
-    let writes = metric(port_a2, "derpfleet_operator_writes_total").unwrap();
-    let events = metric(port_a2, "derpfleet_operator_events_total").unwrap();
-    let skipped = metric(port_a2, "derpfleet_operator_apply_skipped_total").unwrap();
-    let deletes = metric(port_a2, "derpfleet_operator_deletes_total").unwrap();
-    let after = our_versions(&rig);
+    let counter = |name: &str| metric(port_a2, name).unwrap();
+    let reconciles = counter("derpfleet_operator_reconciles_total");
+    let requests = counter("derpfleet_operator_apply_requests_total");
+    let writes = counter("derpfleet_operator_writes_total");
+    let events = counter("derpfleet_operator_events_total");
+    let skipped = counter("derpfleet_operator_apply_skipped_total");
+    let deletes = counter("derpfleet_operator_deletes_total");
+    let after = our_versions(rig);
     println!(
         "MEASURED restart: {reconciles} reconciles, {requests} write requests, {writes} writes, \
          {events} events, {skipped} applies skipped as unchanged; resourceVersions of {} objects \
@@ -348,9 +351,12 @@ fn operator_on_real_control_plane() {
         changed.is_empty(),
         "objects changed across a restart: {changed:?}"
     );
+    port_a2
+}
 
-    // --- two replicas: one leader, both serve the same bytes
-    let (_b, port_b) = rig.start_operator("op-b", GRACE);
+/// A second replica: one leader, both serve the same bytes and ETag, the standby reconciles nothing.
+fn two_replicas_serve_one_map(rig: &mut Rig, port_a2: u16) {
+    let (_, port_b) = rig.start_operator("op-b", GRACE);
     wait_for("op-b serving the map", || map(port_b));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(metric(port_a2, "derpfleet_operator_leader"), Some(1));
@@ -372,8 +378,11 @@ fn operator_on_real_control_plane() {
         "two replicas: op-a leads, op-b follows; same map bytes ({} B) and ETag",
         body_a.len()
     );
+}
 
-    // --- the region is deleted: everything it owned is garbage-collected
+/// The region is deleted: everything it owned is garbage-collected, and the losers of its
+/// conflicts are free of them.
+fn region_deleted(rig: &Rig, port: u16) {
     let t0 = Instant::now();
     rig.kubectl(&["-n", NS, "delete", "derpregion", "home", "--wait=false"]);
     wait_for("home's objects to be garbage-collected", || {
@@ -403,15 +412,44 @@ fn operator_on_real_control_plane() {
         },
     );
     wait_for("map without region 900", || {
-        let (_, v) = map(port_a2)?;
+        let (_, v) = map(port)?;
         v["Regions"].get("900").is_none().then_some(())
     });
+}
 
-    for i in 0..rig.operators.len() {
-        if rig.operators[i].try_wait().unwrap().is_none() {
-            assert!(rig.stop_operator(i).success());
-        }
-    }
-    let _ = a2;
-    println!("operator e2e done in {:?}", t_all.elapsed());
+/// One scenario on one rig, in the order a user lives it. Steps that need an earlier step's
+/// result are not run when it failed; the others run whatever failed before them.
+#[test]
+fn operator_on_real_control_plane() {
+    let mut steps = Steps::new("operator e2e").only_from_env("DERP_FLEET_E2E_STEP");
+    let mut rig = Rig::start(RigOptions::default());
+    rig.install_crd();
+    rig.kubectl(&["create", "namespace", NS]);
+    rig.create_nodes("e2e-derp-", 3, "127.0.1.1", "derp", false);
+
+    let Some((a, port_a)) = steps.run("region published", || region_published(&mut rig)) else {
+        return steps.finish(Some("region published"));
+    };
+    steps.run("readiness moves the map", || {
+        readiness_moves_the_map(&rig, port_a);
+    });
+    steps.run("node deleted", || node_deleted(&rig, port_a));
+    steps.run("spec change reaches the DaemonSet", || {
+        spec_change_reaches_the_daemonset(&rig);
+    });
+    steps.run("conflicts left out", || conflicts_left_out(&rig, port_a));
+    steps.run("cert-manager missing", || cert_manager_missing(&rig));
+    let restarted = steps.run("restart without churn", || {
+        restart_without_churn(&mut rig, a, port_a)
+    });
+    let Some(port_a2) = restarted else {
+        rig.stop_operators();
+        return steps.finish(Some("restart without churn"));
+    };
+    steps.run("two replicas serve one map", || {
+        two_replicas_serve_one_map(&mut rig, port_a2);
+    });
+    steps.run("region deleted", || region_deleted(&rig, port_a2));
+    rig.stop_operators();
+    steps.finish(None);
 }

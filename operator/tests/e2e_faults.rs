@@ -39,7 +39,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use common::{Rig, RigOptions, http_get, metric, wait_for};
+use common::{Rig, RigOptions, Steps, http_get, metric, wait_for};
 
 /// NotReady grace of every replica: short, so a pod turning NotReady proves the Pod watch within
 /// seconds.
@@ -1242,39 +1242,25 @@ fn crash_mid_reconcile(rig: &mut Rig) {
 
 #[test]
 fn operator_survives_control_plane_faults_leader_loss_and_crashes() {
-    let t_all = Instant::now();
     let mut rig = Rig::start(RigOptions {
         certmanager: true,
         ..Default::default()
     });
     rig.install_crd();
-    let mut failed = Vec::new();
+    let mut steps = Steps::new("fault scenarios").only_from_env("DERP_FLEET_FAULTS_ONLY");
     type Scenario = fn(&mut Rig);
     let scenarios: [(&str, Scenario); 3] = [
         ("control-plane faults", control_plane_faults),
         ("leader loss", leader_loss),
         ("crash mid-reconcile", crash_mid_reconcile),
     ];
-    let only = std::env::var("DERP_FLEET_FAULTS_ONLY").unwrap_or_default();
-    for (name, f) in scenarios {
-        if !only.is_empty() && !name.contains(only.as_str()) {
-            continue;
-        }
-        let t0 = Instant::now();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut rig)));
+    for (name, scenario) in scenarios {
+        steps.run(name, || scenario(&mut rig));
         // Whatever happened, no replica of this scenario runs on into the next.
         for c in &mut rig.operators {
             let _ = c.kill();
             let _ = c.wait();
         }
-        match r {
-            Ok(()) => println!("scenario {name}: passed in {:?}", t0.elapsed()),
-            Err(_) => {
-                println!("scenario {name}: FAILED after {:?}", t0.elapsed());
-                failed.push(name);
-            }
-        }
     }
-    println!("fault scenarios done in {:?}", t_all.elapsed());
-    assert!(failed.is_empty(), "failed scenarios: {failed:?}");
+    steps.finish(None);
 }

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    RegionYaml, Rig, RigOptions, condition, http_get_at, map, map_nodes, metric_text, pem_pin,
-    secret_data, served_pin, wait_for, wait_within,
+    RegionYaml, Rig, RigOptions, Steps, condition, http_get_at, map, map_nodes, metric_text,
+    pem_pin, secret_data, served_pin, wait_for, wait_within,
 };
 use serde_json::{Value, json};
 
@@ -157,26 +157,30 @@ fn relay(
     summary
 }
 
-#[test]
-#[allow(
-    clippy::too_many_lines,
-    reason = "one scenario on one rig, steps in order; to be split into tests sharing the rig so that a failing step does not hide the later ones"
-)]
-fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
-    let t_all = Instant::now();
+/// What every step needs: the rig, its two process nodes, the CA, and the operator's map port.
+struct Env {
+    rig: Rig,
+    ts: PathBuf,
+    work: PathBuf,
+    ips: [String; 2],
+    ca_pem: String,
+    port: u16,
+}
+
+/// The rig with cert-manager and two process nodes on a 127.x range of our own (the derpers really
+/// bind these addresses), a CA issuer, and a leading operator.
+fn setup() -> Env {
     let derper = common::derper_bin();
     let ts = common::tailscale_bin();
     let mut rig = Rig::start(RigOptions {
         certmanager: true,
         process_kubelet: true,
-        image_bins: vec![("ghcr.io/derp-fleet/derper".into(), derper.clone())],
+        image_bins: vec![("ghcr.io/derp-fleet/derper".into(), derper)],
     });
     let work = rig.state.join("e2e-process");
     std::fs::create_dir_all(&work).unwrap();
     rig.install_crd();
     rig.kubectl(&["create", "namespace", NS]);
-
-    // Two process nodes on a 127.x range of our own (the derpers really bind these addresses).
     let net = common::loopback_net();
     let ips = [format!("{net}.1"), format!("{net}.2")];
     rig.create_nodes("proc-", 2, &ips[0], "proc", true);
@@ -196,9 +200,22 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     println!("CA issuer ready: {d:?}");
     let ca_secret = rig.json(&["-n", NS, "get", "secret", "derp-ca"]).unwrap();
     let ca_pem = secret_data(&ca_secret, "tls.crt").unwrap();
-
     let port = rig.start_leader("op-proc", Duration::from_secs(1));
+    Env {
+        rig,
+        ts,
+        work,
+        ips,
+        ca_pem,
+        port,
+    }
+}
 
+/// Region `cm` (CA-issued, DNS names) and region `ip` (self-signed) on both nodes: the
+/// Certificate's names and issuer, and the issued Secret. Returns the issued leaf's pin and the
+/// time the regions were applied.
+fn certificate_issued(env: &Env) -> (String, Instant) {
+    let rig = &env.rig;
     let cm = RegionYaml {
         ns: NS,
         name: "cm",
@@ -221,8 +238,6 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     let t0 = Instant::now();
     rig.apply(&cm.yaml());
     rig.apply(&ip.yaml());
-
-    // --- the Certificate: names from the template, issued by cert-manager
     let (cert, d) = wait_for("Certificate cm-derper-tls", || {
         rig.json(&["-n", NS, "get", "certificate", "cm-derper-tls"])
     });
@@ -240,27 +255,37 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
         "regions applied -> cert-manager issued the Secret: {:?} (+{d:?})",
         t0.elapsed()
     );
-    let pin1 = pem_pin(&secret_data(&issued, "tls.crt").unwrap());
+    (pem_pin(&secret_data(&issued, "tls.crt").unwrap()), t0)
+}
 
-    // --- pods run, become Ready through /readyz, map lists them
-    for (node, pod, _) in pods(&rig, "cm").into_iter().chain(pods(&rig, "ip")) {
+/// The pods run and turn Ready through `/readyz`, the map lists all four derpers (verified DNS
+/// names in `cm`, pins in `ip`), and each derper serves the certificate the map promises.
+/// Returns the map and the `cm` pods.
+fn derpers_ready_and_mapped(
+    env: &mut Env,
+    pin1: &str,
+    t0: Instant,
+) -> (Value, Vec<(String, String, i64)>) {
+    let port = env.port;
+    for (node, pod, _) in pods(&env.rig, "cm").into_iter().chain(pods(&env.rig, "ip")) {
         println!("pod {pod} on {node}");
-        rig.add_log(rig.pod_log(NS, &pod, "derper"));
+        let log = env.rig.pod_log(NS, &pod, "derper");
+        env.rig.add_log(log);
     }
     let (_, d) = wait_for("both regions with 2 nodes in the map", || {
         let ok = map_nodes(port, 910)?.len() == 2 && map_nodes(port, 911)?.len() == 2;
         ok.then_some(())
     });
-    let t_map = t0.elapsed();
     println!(
-        "MEASURED regions applied -> 4 process derpers Ready and in the map: {t_map:?} (+{d:?} after the Secret)"
+        "MEASURED regions applied -> 4 process derpers Ready and in the map: {:?} (+{d:?} after the Secret)",
+        t0.elapsed()
     );
-    let cm_pods = pods(&rig, "cm");
-    let ip_pods = pods(&rig, "ip");
+    let rig = &env.rig;
+    let cm_pods = pods(rig, "cm");
+    let ip_pods = pods(rig, "ip");
     assert_eq!(cm_pods.len(), 2);
     assert_eq!(ip_pods.len(), 2);
     for (_, pod, _) in cm_pods.iter().chain(&ip_pods) {
-        rig.add_log(rig.pod_log(NS, pod, "derper"));
         let p = rig.json(&["-n", NS, "get", "pod", pod]).unwrap();
         let probe = p
             .pointer("/spec/containers/0/readinessProbe/httpGet/path")
@@ -278,7 +303,7 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
             .unwrap();
         println!(
             "  pod {pod}: Ready at {since}, pid {}",
-            pod_pid(&rig, pod).unwrap_or_default()
+            pod_pid(rig, pod).unwrap_or_default()
         );
     }
     wait_for("cm: CertificateReady=True Issued, Ready=True", || {
@@ -295,16 +320,15 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     );
     let n0 = &full["Regions"]["910"]["Nodes"][0];
     assert_eq!(n0["HostName"], "proc-0.derp.test");
-    assert_eq!(n0["IPv4"], ips[0].as_str());
+    assert_eq!(n0["IPv4"], env.ips[0].as_str());
     assert!(
         n0.get("CertName").is_none(),
         "a CA-issued region is verified, not pinned: {n0}"
     );
     let m0 = &full["Regions"]["911"]["Nodes"][0];
-    assert_eq!(m0["HostName"], ips[0].as_str());
+    assert_eq!(m0["HostName"], env.ips[0].as_str());
     assert!(m0["CertName"].as_str().unwrap().starts_with("sha256-raw:"));
-    // Each derper serves the issued certificate on its own address.
-    for (i, a) in ips.iter().enumerate() {
+    for (i, a) in env.ips.iter().enumerate() {
         let sni = format!("proc-{i}.derp.test");
         let served = wait_for("the derper serving the issued cert", || {
             served_pin(&format!("{a}:8443"), &sni)
@@ -317,34 +341,41 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
             full["Regions"]["911"]["Nodes"][i]["CertName"].as_str()
         );
     }
+    (full, cm_pods)
+}
 
-    // --- Tailscale's derpprobe, given only the operator's map URL.
+/// Tailscale's derpprobe, given only the operator's map URL: TLS and STUN probes good on every
+/// node, node-pair (mesh) probes good on the DNS region.
+fn derpprobe_on_the_map(env: &Env) {
+    let rig = &env.rig;
     let ip_secret = rig
         .json(&["-n", NS, "get", "secret", "ip-derper-tls"])
         .unwrap();
-    let trust = work.join("trust.pem");
+    let trust = env.work.join("trust.pem");
     std::fs::write(
         &trust,
-        format!("{ca_pem}\n{}", secret_data(&ip_secret, "tls.crt").unwrap()),
+        format!(
+            "{}\n{}",
+            env.ca_pem,
+            secret_data(&ip_secret, "tls.crt").unwrap()
+        ),
     )
     .unwrap();
-    let ca_file = work.join("ca.pem");
-    std::fs::write(&ca_file, &ca_pem).unwrap();
-    let url = format!("http://127.0.0.1:{port}/derpmap.json");
+    let url = format!("http://127.0.0.1:{}/derpmap.json", env.port);
     // derpprobe's TLS probe dials HostName through DNS (tailscaled's derphttp dials IPv4): give
     // it an /etc/hosts naming the nodes, bind-mounted in a private mount namespace of its own.
-    let hosts = work.join("hosts");
+    let hosts = env.work.join("hosts");
     std::fs::write(
         &hosts,
         format!(
             "{}\n{} proc-0.derp.test\n{} proc-1.derp.test\n",
             std::fs::read_to_string("/etc/hosts").unwrap_or_default(),
-            ips[0],
-            ips[1]
+            env.ips[0],
+            env.ips[1]
         ),
     )
     .unwrap();
-    let probe = ts.join("derpprobe");
+    let probe = env.ts.join("derpprobe");
     let wrapped = [
         "--mount",
         "sh",
@@ -358,8 +389,8 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
         &url,
     ];
     let t0 = Instant::now();
-    let env = [("SSL_CERT_FILE", trust.to_str().unwrap())];
-    let (_, mut out) = tool(&rig, &PathBuf::from("unshare"), &wrapped, &env);
+    let ssl_env = [("SSL_CERT_FILE", trust.to_str().unwrap())];
+    let (_, mut out) = tool(rig, &PathBuf::from("unshare"), &wrapped, &ssl_env);
     let resolved = out.contains("derpmap-probe"); // else the mount failed: derpprobe never ran
     if !resolved {
         println!(
@@ -367,10 +398,10 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
             out.trim()
         );
         out = tool(
-            &rig,
+            rig,
             &probe,
             &["-once", "-spread=false", "-derp-map", &url],
-            &env,
+            &ssl_env,
         )
         .1;
     }
@@ -413,21 +444,35 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
         want.len(),
         bad.len()
     );
+}
 
-    // --- derphttp client pairs across the mesh: A on node 0, B on node 1.
+/// derprelay in region 910 (CA-issued), the clients trusting the CA: returns its summary.
+fn relay_910(env: &Env, full: &Value) -> String {
+    let ca_file = env.work.join("ca.pem");
+    std::fs::write(&ca_file, &env.ca_pem).unwrap();
     let ca_env = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
-    let relay_910 = || relay(&rig, &ts, &full, 910, ("910-proc-0", "910-proc-1"), &ca_env);
-    let s910 = relay_910();
-    let s911 = relay(&rig, &ts, &full, 911, ("911-proc-0", "911-proc-1"), &[]);
+    let pair = ("910-proc-0", "910-proc-1");
+    relay(&env.rig, &env.ts, full, 910, pair, &ca_env)
+}
+
+/// A derphttp client pair in each region, A on node 0 and B on node 1: packets cross the mesh.
+fn relay_across_the_mesh(env: &Env, full: &Value) {
+    let s910 = relay_910(env, full);
+    let pair = ("911-proc-0", "911-proc-1");
+    let s911 = relay(&env.rig, &env.ts, full, 911, pair, &[]);
     println!(
         "derprelay through the mesh: region 910 (CA, verified): {s910}; region 911 (pinned): {s911}"
     );
+}
 
-    // --- forced renewal (what `cmctl renew` does: the Issuing condition): the new Secret must
-    // reach the running derpers, which poll their files every 10 s.
+/// A forced renewal (what `cmctl renew` does: the Issuing condition): the new Secret reaches the
+/// running derpers (which poll their files every 10 s) without a restart, and the map bytes stay;
+/// then a client trusting the CA relays through the renewed derpers.
+fn renewal_without_restart(env: &Env, full: &Value, cm_pods: &[(String, String, i64)], pin1: &str) {
+    let (rig, ips, port) = (&env.rig, &env.ips, env.port);
     let before: Vec<_> = cm_pods
         .iter()
-        .map(|(_, p, _)| pod_pid(&rig, p).unwrap())
+        .map(|(_, p, _)| pod_pid(rig, p).unwrap())
         .collect();
     let reloads_before: Vec<u64> = ips.iter().map(|a| reloads_ok(a, 9731).unwrap()).collect();
     let (map_before, _) = map(port).unwrap();
@@ -487,10 +532,10 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     }
     let after: Vec<_> = cm_pods
         .iter()
-        .map(|(_, p, _)| pod_pid(&rig, p).unwrap())
+        .map(|(_, p, _)| pod_pid(rig, p).unwrap())
         .collect();
     assert_eq!(before, after, "the derpers were restarted");
-    for (_, pod, restarts) in pods(&rig, "cm") {
+    for (_, pod, restarts) in pods(rig, "cm") {
         assert_eq!(restarts, 0, "{pod} restarted");
         let log = std::fs::read_to_string(rig.pod_log(NS, &pod, "derper")).unwrap();
         assert!(
@@ -505,9 +550,32 @@ fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     );
     println!("renewal: same PIDs {after:?}, restartCount 0, map bytes unchanged");
     // A client trusting the CA connects to the renewed derpers and relays.
-    let s = relay_910();
-    println!("derprelay after the renewal: {s}");
+    println!("derprelay after the renewal: {}", relay_910(env, full));
+}
 
-    rig.stop_operators();
-    println!("process e2e done in {:?}", t_all.elapsed());
+/// One rig, steps in order; a step that needs an earlier one's result is not run when it failed,
+/// the others run whatever failed before them.
+#[test]
+fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
+    let mut steps = Steps::new("process e2e").only_from_env("DERP_FLEET_E2E_STEP");
+    let mut env = setup();
+    let Some((pin1, t0)) = steps.run("certificate issued", || certificate_issued(&env)) else {
+        return steps.finish(Some("certificate issued"));
+    };
+    let published = steps.run("derpers ready and mapped", || {
+        derpers_ready_and_mapped(&mut env, &pin1, t0)
+    });
+    let Some((full, cm_pods)) = published else {
+        env.rig.stop_operators();
+        return steps.finish(Some("derpers ready and mapped"));
+    };
+    steps.run("derpprobe on the map", || derpprobe_on_the_map(&env));
+    steps.run("relay across the mesh", || {
+        relay_across_the_mesh(&env, &full)
+    });
+    steps.run("renewal without restart", || {
+        renewal_without_restart(&env, &full, &cm_pods, &pin1);
+    });
+    env.rig.stop_operators();
+    steps.finish(None);
 }

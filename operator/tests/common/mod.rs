@@ -510,6 +510,80 @@ pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> (T, Duration) {
     wait_within(what, WAIT, f)
 }
 
+/// The named steps of one scenario on one rig. Starting a rig costs tens of seconds on this
+/// machine, so a scenario's steps share one instead of being separate `#[test]`s; each step runs
+/// under `catch_unwind` so that a failing step is reported and the later ones still run (the first
+/// failure does not hide the rest). A step whose result the later ones need returns it: `None`
+/// means it failed, and the caller ends the scenario with [`Steps::finish`].
+pub struct Steps {
+    scenario: &'static str,
+    only: String,
+    failed: Vec<String>,
+    t_all: Instant,
+}
+
+impl Steps {
+    pub fn new(scenario: &'static str) -> Steps {
+        Steps {
+            scenario,
+            only: String::new(),
+            failed: Vec::new(),
+            t_all: Instant::now(),
+        }
+    }
+
+    /// Runs only the steps whose name contains the value of `var` (when it is set and not empty):
+    /// for rerunning one step by hand on a reused rig.
+    pub fn only_from_env(mut self, var: &str) -> Steps {
+        self.only = std::env::var(var).unwrap_or_default();
+        self
+    }
+
+    /// Runs step `name`; `None` when it panicked or was filtered out.
+    pub fn run<T>(&mut self, name: &str, step: impl FnOnce() -> T) -> Option<T> {
+        if !self.only.is_empty() && !name.contains(self.only.as_str()) {
+            println!("{}: step {name}: not selected", self.scenario);
+            return None;
+        }
+        let t0 = Instant::now();
+        println!("{}: step {name}", self.scenario);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+            Ok(v) => {
+                println!(
+                    "{}: step {name}: passed in {:?}",
+                    self.scenario,
+                    t0.elapsed()
+                );
+                Some(v)
+            }
+            Err(_) => {
+                println!(
+                    "{}: step {name}: FAILED after {:?}",
+                    self.scenario,
+                    t0.elapsed()
+                );
+                self.failed.push(name.to_string());
+                None
+            }
+        }
+    }
+
+    /// Ends the scenario: panics naming every failed step (the panic of each was printed when it
+    /// happened), and names the step that stopped the scenario early, if one did.
+    pub fn finish(self, stopped_after: Option<&str>) {
+        println!("{} done in {:?}", self.scenario, self.t_all.elapsed());
+        if let Some(step) = stopped_after {
+            println!("{}: later steps not run: they need {step}", self.scenario);
+        }
+        assert!(
+            self.failed.is_empty(),
+            "{}: failed steps: {:?}",
+            self.scenario,
+            self.failed
+        );
+    }
+}
+
 /// (status, reason) of condition `type_` of an object.
 pub fn condition(obj: &Value, type_: &str) -> Option<(String, String)> {
     obj.pointer("/status/conditions")?
