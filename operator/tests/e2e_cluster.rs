@@ -427,7 +427,8 @@ fn operator_on_real_control_plane() {
     rig.kubectl(&["create", "namespace", NS]);
     rig.create_nodes("e2e-derp-", 3, "127.0.1.1", "derp", false);
 
-    let Some((a, port_a)) = steps.run("region published", || region_published(&mut rig)) else {
+    let Some((a, port_a)) = steps.required("region published", || region_published(&mut rig))
+    else {
         return steps.finish(Some("region published"));
     };
     steps.run("readiness moves the map", || {
@@ -439,7 +440,7 @@ fn operator_on_real_control_plane() {
     });
     steps.run("conflicts left out", || conflicts_left_out(&rig, port_a));
     steps.run("cert-manager missing", || cert_manager_missing(&rig));
-    let restarted = steps.run("restart without churn", || {
+    let restarted = steps.required("restart without churn", || {
         restart_without_churn(&mut rig, a, port_a)
     });
     let Some(port_a2) = restarted else {

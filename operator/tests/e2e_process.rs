@@ -559,10 +559,10 @@ fn renewal_without_restart(env: &Env, full: &Value, cm_pods: &[(String, String, 
 fn derpers_in_process_pods_with_cert_manager_and_tailscale_clients() {
     let mut steps = Steps::new("process e2e").only_from_env("DERP_FLEET_E2E_STEP");
     let mut env = setup();
-    let Some((pin1, t0)) = steps.run("certificate issued", || certificate_issued(&env)) else {
+    let Some((pin1, t0)) = steps.required("certificate issued", || certificate_issued(&env)) else {
         return steps.finish(Some("certificate issued"));
     };
-    let published = steps.run("derpers ready and mapped", || {
+    let published = steps.required("derpers ready and mapped", || {
         derpers_ready_and_mapped(&mut env, &pin1, t0)
     });
     let Some((full, cm_pods)) = published else {

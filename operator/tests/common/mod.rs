@@ -545,6 +545,12 @@ impl Steps {
             println!("{}: step {name}: not selected", self.scenario);
             return None;
         }
+        self.required(name, step)
+    }
+
+    /// Runs step `name` even when a filter leaves it out: the later steps need its result.
+    /// `None` when it panicked.
+    pub fn required<T>(&mut self, name: &str, step: impl FnOnce() -> T) -> Option<T> {
         let t0 = Instant::now();
         println!("{}: step {name}", self.scenario);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
